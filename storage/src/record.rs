@@ -1,0 +1,484 @@
+//! Log records and their on-disk encoding (docs/storage.md §2).
+//!
+//! ```text
+//! +-------------+--------------+---------+----------------------------------------+
+//! | len u32 LE  | crc32c u32 LE| kind u8 | body (len - 1 bytes)                   |
+//! +-------------+--------------+---------+----------------------------------------+
+//!   crc32c covers kind and body. A batch body is: meta_len u32 LE, bincode meta,
+//!   then the payloads back to back, so reading a batch slices payloads without copying.
+//! ```
+
+use bincode::Options;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+use crate::state::StateSnapshot;
+
+/// Bytes before a record's body.
+pub const RECORD_HEADER_LEN: usize = 9;
+
+/// Largest record the log accepts; bounds what recovery will try to read.
+pub const MAX_RECORD_BYTES: u64 = 1 << 31;
+
+const KIND_CHANNEL_CREATED: u8 = 1;
+const KIND_CHANNEL_DELETED: u8 = 2;
+const KIND_BATCH: u8 = 3;
+const KIND_CURSOR: u8 = 4;
+const KIND_SNAPSHOT: u8 = 5;
+
+/// Headers of a stored message.
+pub type Headers = Vec<(String, Bytes)>;
+
+/// One entry of the log.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Record {
+    ChannelCreated {
+        channel_id: u64,
+        name: String,
+        created_ms: u64,
+    },
+    ChannelDeleted {
+        channel_id: u64,
+    },
+    Batch(Batch),
+    /// A durable consumer's position: everything below `offset` is committed.
+    CursorCommitted {
+        channel_id: u64,
+        consumer: String,
+        offset: u64,
+    },
+    /// The whole durable state at this point of the log, written before retention deletes
+    /// segments that held the last copy of some of it.
+    Snapshot(Box<StateSnapshot>),
+}
+
+/// The producer that appended a batch and the sequence of each message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProducerStamp {
+    pub producer_id: String,
+    pub sequences: Sequences,
+}
+
+/// Sequence numbers of a batch's messages; dense runs take 16 bytes whatever their length.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Sequences {
+    Dense { first: u64, count: u32 },
+    List(Vec<u64>),
+}
+
+impl Sequences {
+    /// Builds the compact form of a strictly increasing list.
+    pub fn from_list(list: Vec<u64>) -> Sequences {
+        let dense = list.windows(2).all(|w| w[1] == w[0] + 1);
+        match list.first() {
+            Some(&first) if dense => Sequences::Dense {
+                first,
+                count: list.len() as u32,
+            },
+            _ => Sequences::List(list),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Sequences::Dense { count, .. } => *count as usize,
+            Sequences::List(list) => list.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn get(&self, index: usize) -> Option<u64> {
+        match self {
+            Sequences::Dense { first, count } => {
+                (index < *count as usize).then(|| first + index as u64)
+            }
+            Sequences::List(list) => list.get(index).copied(),
+        }
+    }
+
+    pub fn last(&self) -> Option<u64> {
+        self.len().checked_sub(1).and_then(|i| self.get(i))
+    }
+}
+
+/// A message as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub headers: Headers,
+    pub payload: Bytes,
+}
+
+/// Consecutive messages of one channel appended together.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub channel_id: u64,
+    pub base_offset: u64,
+    pub timestamp_ms: u64,
+    pub producer: Option<ProducerStamp>,
+    pub messages: Vec<StoredMessage>,
+}
+
+impl Batch {
+    /// Offset after the batch's last message.
+    pub fn end_offset(&self) -> u64 {
+        self.base_offset + self.messages.len() as u64
+    }
+
+    /// Payload bytes of the batch.
+    pub fn payload_bytes(&self) -> u64 {
+        self.messages.iter().map(|m| m.payload.len() as u64).sum()
+    }
+}
+
+/// Everything of a batch but its payloads: what replay and the index need.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchMeta {
+    pub channel_id: u64,
+    pub base_offset: u64,
+    pub timestamp_ms: u64,
+    pub producer: Option<ProducerStamp>,
+    pub entries: Vec<(Headers, u32)>,
+}
+
+impl BatchMeta {
+    pub fn end_offset(&self) -> u64 {
+        self.base_offset + self.entries.len() as u64
+    }
+
+    pub fn payload_bytes(&self) -> u64 {
+        self.entries.iter().map(|(_, len)| u64::from(*len)).sum()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct ChannelCreatedBody {
+    channel_id: u64,
+    name: String,
+    created_ms: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CursorBody {
+    channel_id: u64,
+    consumer: String,
+    offset: u64,
+}
+
+/// Why record bytes could not be decoded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordError {
+    #[error("record checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    Checksum { stored: u32, computed: u32 },
+    #[error("record is truncated")]
+    Truncated,
+    #[error("unknown record kind {0}")]
+    UnknownKind(u8),
+    #[error("record body is malformed: {0}")]
+    Malformed(#[from] bincode::Error),
+    #[error("batch declares {declared} payload bytes but holds {actual}")]
+    PayloadLength { declared: u64, actual: u64 },
+}
+
+fn options() -> impl Options {
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_little_endian()
+        .allow_trailing_bytes()
+}
+
+impl Record {
+    /// Encodes the record with its header and checksum.
+    pub fn encode(&self) -> Bytes {
+        let mut buf = BytesMut::with_capacity(RECORD_HEADER_LEN + self.encoded_hint());
+        buf.put_bytes(0, RECORD_HEADER_LEN - 1);
+        {
+            let mut w = (&mut buf).writer();
+            let r = match self {
+                Record::ChannelCreated {
+                    channel_id,
+                    name,
+                    created_ms,
+                } => {
+                    w.get_mut().put_u8(KIND_CHANNEL_CREATED);
+                    let body = ChannelCreatedBody {
+                        channel_id: *channel_id,
+                        name: name.clone(),
+                        created_ms: *created_ms,
+                    };
+                    options().serialize_into(&mut w, &body)
+                }
+                Record::ChannelDeleted { channel_id } => {
+                    w.get_mut().put_u8(KIND_CHANNEL_DELETED);
+                    options().serialize_into(&mut w, channel_id)
+                }
+                Record::CursorCommitted {
+                    channel_id,
+                    consumer,
+                    offset,
+                } => {
+                    w.get_mut().put_u8(KIND_CURSOR);
+                    let body = CursorBody {
+                        channel_id: *channel_id,
+                        consumer: consumer.clone(),
+                        offset: *offset,
+                    };
+                    options().serialize_into(&mut w, &body)
+                }
+                Record::Snapshot(snapshot) => {
+                    w.get_mut().put_u8(KIND_SNAPSHOT);
+                    options().serialize_into(&mut w, snapshot.as_ref())
+                }
+                Record::Batch(batch) => {
+                    w.get_mut().put_u8(KIND_BATCH);
+                    let meta = BatchMeta {
+                        channel_id: batch.channel_id,
+                        base_offset: batch.base_offset,
+                        timestamp_ms: batch.timestamp_ms,
+                        producer: batch.producer.clone(),
+                        entries: batch
+                            .messages
+                            .iter()
+                            .map(|m| (m.headers.clone(), m.payload.len() as u32))
+                            .collect(),
+                    };
+                    let meta_len = options().serialized_size(&meta).unwrap_or(0) as u32;
+                    w.get_mut().put_u32_le(meta_len);
+                    let r = options().serialize_into(&mut w, &meta);
+                    for m in &batch.messages {
+                        w.get_mut().extend_from_slice(&m.payload);
+                    }
+                    r
+                }
+            };
+            r.expect("bincode serialization into memory cannot fail");
+        }
+        let len = (buf.len() - (RECORD_HEADER_LEN - 1)) as u32;
+        let crc = crc32c::crc32c(&buf[RECORD_HEADER_LEN - 1..]);
+        buf[0..4].copy_from_slice(&len.to_le_bytes());
+        buf[4..8].copy_from_slice(&crc.to_le_bytes());
+        buf.freeze()
+    }
+
+    fn encoded_hint(&self) -> usize {
+        match self {
+            Record::Batch(b) => {
+                64 + b
+                    .messages
+                    .iter()
+                    .map(|m| m.payload.len() + 16)
+                    .sum::<usize>()
+            }
+            _ => 64,
+        }
+    }
+
+    /// Decodes a full record (header included), verifying its checksum. Payloads are slices
+    /// of `bytes`.
+    pub fn decode(bytes: Bytes) -> Result<Record, RecordError> {
+        let mut body = verified_body(bytes)?;
+        let kind = body.get_u8();
+        match kind {
+            KIND_CHANNEL_CREATED => {
+                let b: ChannelCreatedBody = options().deserialize(&body)?;
+                Ok(Record::ChannelCreated {
+                    channel_id: b.channel_id,
+                    name: b.name,
+                    created_ms: b.created_ms,
+                })
+            }
+            KIND_CHANNEL_DELETED => Ok(Record::ChannelDeleted {
+                channel_id: options().deserialize(&body)?,
+            }),
+            KIND_CURSOR => {
+                let b: CursorBody = options().deserialize(&body)?;
+                Ok(Record::CursorCommitted {
+                    channel_id: b.channel_id,
+                    consumer: b.consumer,
+                    offset: b.offset,
+                })
+            }
+            KIND_SNAPSHOT => Ok(Record::Snapshot(Box::new(options().deserialize(&body)?))),
+            KIND_BATCH => {
+                let (meta, mut data) = split_batch(body)?;
+                let messages = meta
+                    .entries
+                    .into_iter()
+                    .map(|(headers, len)| StoredMessage {
+                        headers,
+                        payload: data.split_to(len as usize),
+                    })
+                    .collect();
+                Ok(Record::Batch(Batch {
+                    channel_id: meta.channel_id,
+                    base_offset: meta.base_offset,
+                    timestamp_ms: meta.timestamp_ms,
+                    producer: meta.producer,
+                    messages,
+                }))
+            }
+            other => Err(RecordError::UnknownKind(other)),
+        }
+    }
+}
+
+/// A record with its payloads left out, as replay sees it.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum RecordMeta {
+    Batch(BatchMeta),
+    Other(Record),
+}
+
+/// Decodes a record but skips payloads of batches.
+pub fn decode_meta(bytes: Bytes) -> Result<RecordMeta, RecordError> {
+    let body = verified_body(bytes.clone())?;
+    if body.first() == Some(&KIND_BATCH) {
+        let mut body = body;
+        body.advance(1);
+        Ok(RecordMeta::Batch(split_batch(body)?.0))
+    } else {
+        Ok(RecordMeta::Other(Record::decode(bytes)?))
+    }
+}
+
+fn verified_body(bytes: Bytes) -> Result<Bytes, RecordError> {
+    if bytes.len() < RECORD_HEADER_LEN {
+        return Err(RecordError::Truncated);
+    }
+    let len = u32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes")) as usize;
+    let stored = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"));
+    if bytes.len() != RECORD_HEADER_LEN - 1 + len || len == 0 {
+        return Err(RecordError::Truncated);
+    }
+    let body = bytes.slice(RECORD_HEADER_LEN - 1..);
+    let computed = crc32c::crc32c(&body);
+    if computed != stored {
+        return Err(RecordError::Checksum { stored, computed });
+    }
+    Ok(body)
+}
+
+fn split_batch(mut body: Bytes) -> Result<(BatchMeta, Bytes), RecordError> {
+    if body.len() < 4 {
+        return Err(RecordError::Truncated);
+    }
+    let meta_len = body.get_u32_le() as usize;
+    if meta_len > body.len() {
+        return Err(RecordError::Truncated);
+    }
+    let meta_bytes = body.split_to(meta_len);
+    let meta: BatchMeta = options()
+        .with_limit(meta_len as u64)
+        .deserialize(&meta_bytes)?;
+    let declared = meta.payload_bytes();
+    if declared != body.len() as u64 {
+        return Err(RecordError::PayloadLength {
+            declared,
+            actual: body.len() as u64,
+        });
+    }
+    Ok((meta, body))
+}
+
+/// Reads the total length (header included) of the record starting at `header`.
+pub fn record_len(header: &[u8; RECORD_HEADER_LEN]) -> u64 {
+    (RECORD_HEADER_LEN - 1) as u64
+        + u64::from(u32::from_le_bytes(
+            header[0..4].try_into().expect("4 bytes"),
+        ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch() -> Batch {
+        Batch {
+            channel_id: 7,
+            base_offset: 100,
+            timestamp_ms: 1_700_000_000_000,
+            producer: Some(ProducerStamp {
+                producer_id: "p".into(),
+                sequences: Sequences::from_list(vec![5, 6, 7]),
+            }),
+            messages: vec![
+                StoredMessage {
+                    headers: vec![("k".into(), Bytes::from_static(b"v"))],
+                    payload: Bytes::from_static(b"hello"),
+                },
+                StoredMessage {
+                    headers: vec![],
+                    payload: Bytes::new(),
+                },
+                StoredMessage {
+                    headers: vec![],
+                    payload: Bytes::from(vec![9u8; 3000]),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn every_record_round_trips() {
+        let records = vec![
+            Record::ChannelCreated {
+                channel_id: 1,
+                name: "dc-a/s1".into(),
+                created_ms: 5,
+            },
+            Record::ChannelDeleted { channel_id: 1 },
+            Record::CursorCommitted {
+                channel_id: 1,
+                consumer: "dc-b".into(),
+                offset: 42,
+            },
+            Record::Batch(batch()),
+            Record::Snapshot(Box::default()),
+        ];
+        for record in records {
+            let bytes = record.encode();
+            assert_eq!(
+                record_len(bytes[..9].try_into().unwrap()),
+                bytes.len() as u64
+            );
+            assert_eq!(Record::decode(bytes).unwrap(), record);
+        }
+    }
+
+    #[test]
+    fn batch_meta_skips_payloads() {
+        let bytes = Record::Batch(batch()).encode();
+        let RecordMeta::Batch(meta) = decode_meta(bytes).unwrap() else {
+            panic!("not a batch")
+        };
+        assert_eq!(meta.end_offset(), 103);
+        assert_eq!(meta.payload_bytes(), 3005);
+    }
+
+    #[test]
+    fn any_flipped_bit_is_caught() {
+        let bytes = Record::Batch(batch()).encode();
+        for i in 8..bytes.len() {
+            let mut corrupt = bytes.to_vec();
+            corrupt[i] ^= 0x10;
+            assert!(Record::decode(Bytes::from(corrupt)).is_err(), "byte {i}");
+        }
+    }
+
+    #[test]
+    fn sequences_compact_dense_runs() {
+        assert_eq!(
+            Sequences::from_list(vec![3, 4, 5]),
+            Sequences::Dense { first: 3, count: 3 }
+        );
+        let sparse = Sequences::from_list(vec![3, 9]);
+        assert_eq!(sparse, Sequences::List(vec![3, 9]));
+        assert_eq!(sparse.last(), Some(9));
+        assert_eq!(Sequences::Dense { first: 3, count: 3 }.get(2), Some(5));
+    }
+}

@@ -1,0 +1,168 @@
+//! Segment files (docs/storage.md §1): `<data>/log/<id, 20 digits>.seg`, a 16-byte header
+//! (magic, id) followed by records. Records never span segments.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::record::{
+    decode_meta, record_len, RecordError, RecordMeta, MAX_RECORD_BYTES, RECORD_HEADER_LEN,
+};
+use crate::StorageError;
+
+pub const SEGMENT_MAGIC: [u8; 8] = *b"DMQSEG\x00\x01";
+pub const SEGMENT_HEADER_LEN: u64 = 16;
+
+pub fn segment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:020}.seg"))
+}
+
+/// Segment ids present in `dir`, ascending.
+pub fn list_segments(dir: &Path) -> Result<Vec<u64>, StorageError> {
+    let mut ids = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| StorageError::io("list", dir, e))? {
+        let entry = entry.map_err(|e| StorageError::io("list", dir, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(stem) = name.strip_suffix(".seg") {
+            if let Ok(id) = stem.parse::<u64>() {
+                ids.push(id);
+            }
+        }
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// Makes a directory's entries (new or removed files) durable.
+pub fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StorageError::io("fsync directory", dir, e))
+}
+
+/// Creates segment `id` with its header, durably.
+pub fn create_segment(dir: &Path, id: u64) -> Result<File, StorageError> {
+    let path = segment_path(dir, id);
+    let file = OpenOptions::new()
+        .create_new(true)
+        .read(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| StorageError::io("create", &path, e))?;
+    let mut header = [0u8; SEGMENT_HEADER_LEN as usize];
+    header[..8].copy_from_slice(&SEGMENT_MAGIC);
+    header[8..].copy_from_slice(&id.to_le_bytes());
+    use std::io::Write;
+    (&file)
+        .write_all(&header)
+        .and_then(|_| file.sync_all())
+        .map_err(|e| StorageError::io("write", &path, e))?;
+    sync_dir(dir)?;
+    Ok(file)
+}
+
+/// Opens an existing segment for appending.
+pub fn open_for_append(dir: &Path, id: u64) -> Result<(File, u64), StorageError> {
+    let path = segment_path(dir, id);
+    let file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| StorageError::io("open", &path, e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| StorageError::io("stat", &path, e))?
+        .len();
+    Ok((file, len))
+}
+
+/// Reads exactly `len` bytes at `position`.
+pub fn read_at(file: &File, position: u64, len: usize) -> std::io::Result<Bytes> {
+    let mut buf = BytesMut::zeroed(len);
+    file.read_exact_at(&mut buf, position)?;
+    Ok(buf.freeze())
+}
+
+/// How a scan of one segment ended.
+#[derive(Debug)]
+pub enum ScanEnd {
+    /// Every byte belonged to a valid record.
+    Clean { len: u64 },
+    /// A record at `position` is incomplete or does not verify.
+    Bad {
+        position: u64,
+        file_len: u64,
+        reason: String,
+    },
+}
+
+/// Reads every record of a segment in order, handing each to `visit` with its position and
+/// total length. Stops at the first record that is incomplete or fails its checksum.
+pub fn scan(
+    dir: &Path,
+    id: u64,
+    mut visit: impl FnMut(u64, u32, RecordMeta) -> Result<(), StorageError>,
+) -> Result<ScanEnd, StorageError> {
+    let path = segment_path(dir, id);
+    let file = File::open(&path).map_err(|e| StorageError::io("open", &path, e))?;
+    let file_len = file
+        .metadata()
+        .map_err(|e| StorageError::io("stat", &path, e))?
+        .len();
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut header = [0u8; SEGMENT_HEADER_LEN as usize];
+    if reader.read_exact(&mut header).is_err()
+        || header[..8] != SEGMENT_MAGIC
+        || header[8..] != id.to_le_bytes()
+    {
+        return Ok(ScanEnd::Bad {
+            position: 0,
+            file_len,
+            reason: "segment header missing or wrong".into(),
+        });
+    }
+    let mut position = SEGMENT_HEADER_LEN;
+    loop {
+        if position == file_len {
+            return Ok(ScanEnd::Clean { len: position });
+        }
+        let bad = |reason: String| {
+            Ok(ScanEnd::Bad {
+                position,
+                file_len,
+                reason,
+            })
+        };
+        let mut head = [0u8; RECORD_HEADER_LEN];
+        if file_len - position < RECORD_HEADER_LEN as u64 {
+            return bad(format!(
+                "{} trailing bytes are not a record",
+                file_len - position
+            ));
+        }
+        reader
+            .read_exact(&mut head)
+            .map_err(|e| StorageError::io("read", &path, e))?;
+        let len = record_len(&head);
+        if len > MAX_RECORD_BYTES || len < RECORD_HEADER_LEN as u64 || position + len > file_len {
+            return bad(format!("record of {len} bytes does not fit in the segment"));
+        }
+        let mut buf = BytesMut::zeroed(len as usize);
+        buf[..RECORD_HEADER_LEN].copy_from_slice(&head);
+        reader
+            .read_exact(&mut buf[RECORD_HEADER_LEN..])
+            .map_err(|e| StorageError::io("read", &path, e))?;
+        match decode_meta(buf.freeze()) {
+            Ok(meta) => visit(position, len as u32, meta)?,
+            Err(e @ (RecordError::Checksum { .. } | RecordError::Truncated)) => {
+                return bad(e.to_string())
+            }
+            Err(e) => return bad(format!("record does not decode: {e}")),
+        }
+        position += len;
+    }
+}

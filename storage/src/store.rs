@@ -1,0 +1,963 @@
+//! The store: recovery, the group-commit writer thread, reads and retention
+//! (docs/storage.md §5–§7).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::io::{IoSlice, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::index::{Checkpoint, Index, IndexEntry, SegmentSummary};
+use crate::record::{BatchMeta, Headers, Record, RecordMeta};
+use crate::segment::{self, ScanEnd};
+use crate::state::LogState;
+use crate::{metric, StorageError};
+
+/// When an append counts as done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// After `fdatasync` (the default): nothing acknowledged is lost on power failure.
+    Fsync,
+    /// After `write`; `fdatasync` runs at most this far apart. A power failure may lose the
+    /// last interval; a process crash loses nothing.
+    Interval(Duration),
+}
+
+/// Tuning of the store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// A segment is closed and a new one started once it reaches this size.
+    pub segment_bytes: u64,
+    pub durability: Durability,
+    /// A checkpoint is written at least this often while the log grows...
+    pub checkpoint_interval: Duration,
+    /// ...and after this many bytes of log.
+    pub checkpoint_bytes: u64,
+    /// sled's page cache.
+    pub index_cache_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            segment_bytes: 256 * 1024 * 1024,
+            durability: Durability::Fsync,
+            checkpoint_interval: Duration::from_secs(30),
+            checkpoint_bytes: 256 * 1024 * 1024,
+            index_cache_bytes: 32 * 1024 * 1024,
+        }
+    }
+}
+
+/// Called once an append is durable (or failed), on the writer thread: keep it short.
+pub type Done = Box<dyn FnOnce(Result<(), Arc<StorageError>>) + Send>;
+
+enum Job {
+    Append {
+        records: Vec<(RecordMeta, Bytes)>,
+        done: Done,
+    },
+    Snapshot {
+        done: Done,
+    },
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: Vec<Job>,
+    closed: bool,
+}
+
+struct Shared {
+    log_dir: PathBuf,
+    options: StoreOptions,
+    state: Mutex<LogState>,
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    index: Index,
+    summaries: Mutex<BTreeMap<u64, SegmentSummary>>,
+    files: Mutex<HashMap<u64, Arc<File>>>,
+    poisoned: AtomicBool,
+    active_segment: AtomicU64,
+    corrupt_reads: AtomicU64,
+}
+
+/// The durable log.
+pub struct Store {
+    shared: Arc<Shared>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("log_dir", &self.shared.log_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A message read back from the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadMessage {
+    pub offset: u64,
+    pub timestamp_ms: u64,
+    pub headers: Headers,
+    pub payload: Bytes,
+}
+
+/// What a retention pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetentionReport {
+    pub segments_deleted: usize,
+    pub bytes_freed: u64,
+}
+
+/// Exclusive access to the state for deciding and queueing appends; see [`Store::begin`].
+pub struct Txn<'a> {
+    state: MutexGuard<'a, LogState>,
+    shared: &'a Shared,
+}
+
+impl std::fmt::Debug for Txn<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Txn").finish_non_exhaustive()
+    }
+}
+
+impl Txn<'_> {
+    pub fn state(&mut self) -> &mut LogState {
+        &mut self.state
+    }
+
+    /// Queues records behind the next group commit; `done` runs once they are durable. An
+    /// empty list is a barrier: `done` runs once everything queued before it is durable.
+    pub fn append(&mut self, records: Vec<Record>, done: Done) -> Result<(), StorageError> {
+        if self.shared.poisoned.load(Ordering::Acquire) {
+            return Err(StorageError::Poisoned);
+        }
+        let records = records
+            .into_iter()
+            .map(|record| {
+                let bytes = record.encode();
+                let meta = match record {
+                    Record::Batch(b) => RecordMeta::Batch(BatchMeta {
+                        channel_id: b.channel_id,
+                        base_offset: b.base_offset,
+                        timestamp_ms: b.timestamp_ms,
+                        producer: b.producer,
+                        entries: b
+                            .messages
+                            .into_iter()
+                            .map(|m| (m.headers, m.payload.len() as u32))
+                            .collect(),
+                    }),
+                    other => RecordMeta::Other(other),
+                };
+                (meta, bytes)
+            })
+            .collect();
+        let mut queue = self.shared.queue.lock().expect("queue lock");
+        if queue.closed {
+            return Err(StorageError::Closed);
+        }
+        queue.jobs.push(Job::Append { records, done });
+        drop(queue);
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Opens the store in `dir`, recovering the log: a torn tail is cut off, the index and
+    /// state are rebuilt from the last checkpoint on (or from scratch when sled has none).
+    pub fn open(dir: &Path, options: StoreOptions) -> Result<Store, StorageError> {
+        let log_dir = dir.join("log");
+        let index_dir = dir.join("index");
+        std::fs::create_dir_all(&log_dir).map_err(|e| StorageError::io("create", &log_dir, e))?;
+        let index = Index::open(&index_dir, options.index_cache_bytes)?;
+        let (state, summaries, active, active_len) = recover(&log_dir, &index)?;
+        let (file, len) = match active {
+            Some(id) => {
+                let (file, len) = segment::open_for_append(&log_dir, id)?;
+                debug_assert_eq!(len, active_len);
+                (file, len)
+            }
+            None => (
+                segment::create_segment(&log_dir, 0)?,
+                segment::SEGMENT_HEADER_LEN,
+            ),
+        };
+        let active_id = active.unwrap_or(0);
+        let mut summaries = summaries;
+        summaries.entry(active_id).or_default().size = len;
+        metrics::gauge!(metric::SEGMENTS).set(summaries.len() as f64);
+        let shared = Arc::new(Shared {
+            log_dir,
+            options,
+            state: Mutex::new(state),
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            index,
+            summaries: Mutex::new(summaries),
+            files: Mutex::new(HashMap::new()),
+            poisoned: AtomicBool::new(false),
+            active_segment: AtomicU64::new(active_id),
+            corrupt_reads: AtomicU64::new(0),
+        });
+        let mut writer = Writer {
+            shared: shared.clone(),
+            file,
+            id: active_id,
+            len,
+            unsynced: false,
+            last_sync: Instant::now(),
+            last_checkpoint: Instant::now(),
+            since_checkpoint: 0,
+        };
+        writer.checkpoint()?;
+        let handle = std::thread::Builder::new()
+            .name("directmq-log-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| StorageError::io("spawn writer thread", Path::new("-"), e))?;
+        Ok(Store {
+            shared,
+            writer: Mutex::new(Some(handle)),
+        })
+    }
+
+    /// Locks the state to decide and queue appends atomically: offsets handed out under one
+    /// `Txn` are written in the order they were handed out.
+    pub fn begin(&self) -> Txn<'_> {
+        Txn {
+            state: self.shared.state.lock().expect("state lock"),
+            shared: &self.shared,
+        }
+    }
+
+    /// Runs `f` on the state (read-only use).
+    pub fn with_state<R>(&self, f: impl FnOnce(&LogState) -> R) -> R {
+        f(&self.shared.state.lock().expect("state lock"))
+    }
+
+    /// Appends and waits for durability; for tools and tests (the broker uses [`Txn`]).
+    pub fn append_blocking(&self, records: Vec<Record>) -> Result<(), Arc<StorageError>> {
+        let (tx, rx) = mpsc::channel();
+        self.begin()
+            .append(records, Box::new(move |r| drop(tx.send(r))))
+            .map_err(Arc::new)?;
+        rx.recv()
+            .unwrap_or_else(|_| Err(Arc::new(StorageError::Closed)))
+    }
+
+    /// Whether an fsync failure stopped the store.
+    pub fn is_poisoned(&self) -> bool {
+        self.shared.poisoned.load(Ordering::Acquire)
+    }
+
+    /// Batches read whose checksum failed since start.
+    pub fn corrupt_reads(&self) -> u64 {
+        self.shared.corrupt_reads.load(Ordering::Relaxed)
+    }
+
+    /// Reads durable messages of a channel from `from` on: at most `max_messages`, and
+    /// stopping once `max_bytes` of payload are collected (at least one message is returned
+    /// when one exists). Starts at the first retained offset if `from` is below it.
+    pub fn read(
+        &self,
+        channel_id: u64,
+        from: u64,
+        max_messages: usize,
+        max_bytes: u64,
+    ) -> Result<Vec<ReadMessage>, StorageError> {
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        let Some(first) = self.shared.index.find(channel_id, from)? else {
+            return Ok(out);
+        };
+        let mut expected = first.base_offset.max(from);
+        let mut entries = vec![first];
+        'outer: loop {
+            for entry in entries.drain(..) {
+                if entry.base_offset > expected {
+                    self.shared.corrupt_reads.fetch_add(1, Ordering::Relaxed);
+                    return Err(StorageError::Corrupt {
+                        segment: entry.segment,
+                        position: entry.position,
+                        reason: format!(
+                            "channel {channel_id} has no batch for offsets {expected}..{}",
+                            entry.base_offset
+                        ),
+                    });
+                }
+                let batch = self.read_batch(&entry)?;
+                for (i, m) in batch.messages.into_iter().enumerate() {
+                    let offset = batch.base_offset + i as u64;
+                    if offset < expected {
+                        continue;
+                    }
+                    bytes += m.payload.len() as u64;
+                    out.push(ReadMessage {
+                        offset,
+                        timestamp_ms: batch.timestamp_ms,
+                        headers: m.headers,
+                        payload: m.payload,
+                    });
+                    expected = offset + 1;
+                    if out.len() >= max_messages || bytes >= max_bytes {
+                        break 'outer;
+                    }
+                }
+            }
+            entries = self.shared.index.scan(channel_id, expected, 16)?;
+            if entries.is_empty() {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_batch(&self, entry: &IndexEntry) -> Result<crate::Batch, StorageError> {
+        let file = self.file(entry.segment)?;
+        let path = segment::segment_path(&self.shared.log_dir, entry.segment);
+        let bytes = segment::read_at(&file, entry.position, entry.len as usize)
+            .map_err(|e| StorageError::io("read", &path, e))?;
+        let corrupt = |reason: String| {
+            self.shared.corrupt_reads.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(metric::CORRUPT_RECORDS).increment(1);
+            tracing::error!(segment = entry.segment, position = entry.position, %reason, "corrupt batch refused");
+            StorageError::Corrupt {
+                segment: entry.segment,
+                position: entry.position,
+                reason,
+            }
+        };
+        match Record::decode(bytes) {
+            Ok(Record::Batch(batch))
+                if batch.channel_id == entry.channel_id
+                    && batch.base_offset == entry.base_offset =>
+            {
+                Ok(batch)
+            }
+            Ok(_) => Err(corrupt("the index points at another record".into())),
+            Err(e) => Err(corrupt(e.to_string())),
+        }
+    }
+
+    fn file(&self, id: u64) -> Result<Arc<File>, StorageError> {
+        let mut files = self.shared.files.lock().expect("files lock");
+        if let Some(f) = files.get(&id) {
+            return Ok(f.clone());
+        }
+        let path = segment::segment_path(&self.shared.log_dir, id);
+        let file = File::open(&path).map_err(|e| StorageError::io("open", &path, e))?;
+        let file = Arc::new(file);
+        files.insert(id, file.clone());
+        Ok(file)
+    }
+
+    /// Payload bytes and the number of batches of a channel at offsets `[from, ..)`, counted
+    /// at batch granularity (a partly consumed batch counts whole), and the timestamp of the
+    /// batch holding `from`.
+    pub fn backlog(&self, channel_id: u64, from: u64) -> Result<(u64, Option<u64>), StorageError> {
+        let mut bytes = 0;
+        let mut oldest = None;
+        let mut next = from;
+        loop {
+            let entries = if oldest.is_none() {
+                self.shared
+                    .index
+                    .find(channel_id, next)?
+                    .into_iter()
+                    .collect()
+            } else {
+                self.shared.index.scan(channel_id, next, 256)?
+            };
+            if entries.is_empty() {
+                break;
+            }
+            for e in entries {
+                oldest.get_or_insert(e.timestamp_ms);
+                bytes += e.bytes;
+                next = e.end_offset();
+            }
+        }
+        Ok((bytes, oldest))
+    }
+
+    /// Deletes every closed segment that holds only messages below their channel's floor.
+    /// `floor(state, channel)` is the offset below which a channel's messages may go; a
+    /// channel missing from the state (deleted) may lose everything. Before deleting, a
+    /// snapshot of the durable state is written, so no last copy of a channel, cursor or
+    /// producer state is ever deleted.
+    pub fn retain(
+        &self,
+        floor: impl Fn(&LogState, u64) -> u64,
+    ) -> Result<RetentionReport, StorageError> {
+        let active = self.shared.active_segment.load(Ordering::Acquire);
+        let candidates: Vec<(u64, u64)> = {
+            let state = self.shared.state.lock().expect("state lock");
+            let summaries = self.shared.summaries.lock().expect("summaries lock");
+            summaries
+                .iter()
+                .filter(|(id, _)| **id < active)
+                .filter(|(_, s)| {
+                    s.spans
+                        .iter()
+                        .all(|(channel, span)| match state.channel(*channel) {
+                            None => true,
+                            Some(_) => span.end_offset <= floor(&state, *channel),
+                        })
+                })
+                .map(|(id, s)| (*id, s.size))
+                .collect()
+        };
+        if candidates.is_empty() {
+            return Ok(RetentionReport::default());
+        }
+        let (tx, rx) = mpsc::channel();
+        {
+            let _state = self.shared.state.lock().expect("state lock");
+            let mut queue = self.shared.queue.lock().expect("queue lock");
+            if queue.closed {
+                return Err(StorageError::Closed);
+            }
+            queue.jobs.push(Job::Snapshot {
+                done: Box::new(move |r| drop(tx.send(r))),
+            });
+        }
+        self.shared.wake.notify_one();
+        match rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(StorageError::Io {
+                    op: "write snapshot",
+                    path: self.shared.log_dir.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            }
+            Err(_) => return Err(StorageError::Closed),
+        }
+        let mut report = RetentionReport::default();
+        let mut touched = HashSet::new();
+        for (id, size) in &candidates {
+            let path = segment::segment_path(&self.shared.log_dir, *id);
+            std::fs::remove_file(&path).map_err(|e| StorageError::io("delete", &path, e))?;
+            self.shared.files.lock().expect("files lock").remove(id);
+            if let Some(summary) = self
+                .shared
+                .summaries
+                .lock()
+                .expect("summaries lock")
+                .remove(id)
+            {
+                touched.extend(summary.spans.iter().map(|(c, _)| *c));
+            }
+            report.segments_deleted += 1;
+            report.bytes_freed += size;
+        }
+        segment::sync_dir(&self.shared.log_dir)?;
+        {
+            let mut state = self.shared.state.lock().expect("state lock");
+            let summaries = self.shared.summaries.lock().expect("summaries lock");
+            for channel_id in touched {
+                let (first, bytes) = retained(&summaries, channel_id);
+                match state.channel_mut(channel_id) {
+                    Some(channel) => {
+                        let first = first.unwrap_or(channel.next_offset);
+                        self.shared.index.remove_range(channel_id, 0, first)?;
+                        channel.first_offset = first;
+                        channel.retained_bytes = bytes;
+                    }
+                    None => {
+                        self.shared.index.remove_range(channel_id, 0, u64::MAX)?;
+                    }
+                }
+            }
+            metrics::gauge!(metric::SEGMENTS).set(summaries.len() as f64);
+        }
+        metrics::counter!(metric::SEGMENTS_DELETED).increment(report.segments_deleted as u64);
+        tracing::info!(
+            segments = report.segments_deleted,
+            bytes = report.bytes_freed,
+            "retention deleted segments"
+        );
+        Ok(report)
+    }
+
+    /// Bytes of all segment files.
+    pub fn disk_bytes(&self) -> u64 {
+        self.shared
+            .summaries
+            .lock()
+            .expect("summaries lock")
+            .values()
+            .map(|s| s.size)
+            .sum()
+    }
+
+    /// Stops accepting appends, finishes every queued one (their completions run), writes a
+    /// final checkpoint and joins the writer thread.
+    pub fn close(&self) {
+        self.shared.queue.lock().expect("queue lock").closed = true;
+        self.shared.wake.notify_all();
+        if let Some(handle) = self.writer.lock().expect("writer lock").take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn retained(summaries: &BTreeMap<u64, SegmentSummary>, channel_id: u64) -> (Option<u64>, u64) {
+    let mut first: Option<u64> = None;
+    let mut bytes = 0;
+    for summary in summaries.values() {
+        for (c, span) in &summary.spans {
+            if *c == channel_id {
+                first = Some(first.map_or(span.first_offset, |f| f.min(span.first_offset)));
+                bytes += span.bytes;
+            }
+        }
+    }
+    (first, bytes)
+}
+
+type Recovered = (LogState, BTreeMap<u64, SegmentSummary>, Option<u64>, u64);
+
+fn recover(log_dir: &Path, index: &Index) -> Result<Recovered, StorageError> {
+    let ids = segment::list_segments(log_dir)?;
+    let mut summaries: BTreeMap<u64, SegmentSummary> = BTreeMap::new();
+    let mut state = LogState::default();
+    let checkpoint = index.load_checkpoint()?.filter(|c| {
+        let path = segment::segment_path(log_dir, c.segment);
+        let valid = ids.contains(&c.segment)
+            && std::fs::metadata(&path)
+                .map(|m| m.len() >= c.position)
+                .unwrap_or(false);
+        if !valid {
+            tracing::warn!("the index checkpoint is ahead of the log; rebuilding the index");
+        }
+        valid
+    });
+    // Where replay applies records to the state from; before it, only the index and the
+    // summaries are rebuilt.
+    let (start, apply_from) = match &checkpoint {
+        Some(c) => {
+            state.load(&c.state);
+            summaries.extend(
+                c.summaries
+                    .iter()
+                    .filter(|(id, _)| ids.contains(id))
+                    .cloned(),
+            );
+            ((c.segment, c.position), (c.segment, c.position))
+        }
+        None => {
+            index.clear()?;
+            ((0, 0), last_snapshot(log_dir, &ids)?.unwrap_or((0, 0)))
+        }
+    };
+    tracing::info!(
+        segments = ids.len(),
+        from_checkpoint = checkpoint.is_some(),
+        "recovering the log"
+    );
+    let mut active_len = segment::SEGMENT_HEADER_LEN;
+    for (i, &id) in ids.iter().enumerate() {
+        if id < start.0 {
+            continue;
+        }
+        let last = i + 1 == ids.len();
+        let summary = summaries.entry(id).or_default();
+        let end = segment::scan(log_dir, id, |position, len, meta| {
+            if id == start.0 && position < start.1 {
+                return Ok(());
+            }
+            if let RecordMeta::Batch(b) = &meta {
+                index.insert(&IndexEntry {
+                    channel_id: b.channel_id,
+                    base_offset: b.base_offset,
+                    segment: id,
+                    position,
+                    len,
+                    count: b.entries.len() as u32,
+                    timestamp_ms: b.timestamp_ms,
+                    bytes: b.payload_bytes(),
+                })?;
+                summary.add(
+                    b.channel_id,
+                    b.base_offset,
+                    b.end_offset(),
+                    b.payload_bytes(),
+                );
+            }
+            if (id, position) >= apply_from {
+                state.apply(&meta);
+            }
+            Ok(())
+        })?;
+        match end {
+            ScanEnd::Clean { len } => {
+                summary.size = len;
+                active_len = len;
+            }
+            ScanEnd::Bad {
+                position,
+                file_len,
+                reason,
+            } if last => {
+                tracing::warn!(segment = id, position, cut = file_len - position, %reason, "cutting off the torn tail of the log");
+                metrics::counter!(metric::TORN_TAIL_BYTES).increment(file_len - position);
+                let path = segment::segment_path(log_dir, id);
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| StorageError::io("open", &path, e))?;
+                let keep = position.max(segment::SEGMENT_HEADER_LEN);
+                if position < segment::SEGMENT_HEADER_LEN {
+                    // A segment whose header never became durable: rewrite it.
+                    drop(file);
+                    std::fs::remove_file(&path)
+                        .map_err(|e| StorageError::io("remove", &path, e))?;
+                    segment::create_segment(log_dir, id)?;
+                } else {
+                    file.set_len(keep)
+                        .and_then(|_| file.sync_all())
+                        .map_err(|e| StorageError::io("truncate", &path, e))?;
+                }
+                summary.size = keep;
+                active_len = keep;
+            }
+            ScanEnd::Bad {
+                position, reason, ..
+            } => {
+                metrics::counter!(metric::CORRUPT_RECORDS).increment(1);
+                tracing::error!(segment = id, position, %reason, "CORRUPT RECORD in a closed segment: the records after it in this segment are skipped");
+                summary.size = std::fs::metadata(segment::segment_path(log_dir, id))
+                    .map(|m| m.len())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    // Entries past a channel's head point at data the log no longer has.
+    let heads: Vec<(u64, u64)> = state.channels().map(|c| (c.id, c.next_offset)).collect();
+    for (channel_id, head) in heads {
+        index.remove_range(channel_id, head, u64::MAX)?;
+        let (first, bytes) = retained(&summaries, channel_id);
+        if let Some(channel) = state.channel_mut(channel_id) {
+            channel.first_offset = first.unwrap_or(head);
+            channel.retained_bytes = bytes;
+        }
+    }
+    let active = ids.last().copied();
+    Ok((state, summaries, active, active_len))
+}
+
+/// Position of the last snapshot record in the log, if any.
+fn last_snapshot(log_dir: &Path, ids: &[u64]) -> Result<Option<(u64, u64)>, StorageError> {
+    let mut found = None;
+    for &id in ids {
+        segment::scan(log_dir, id, |position, _, meta| {
+            if matches!(meta, RecordMeta::Other(Record::Snapshot(_))) {
+                found = Some((id, position));
+            }
+            Ok(())
+        })?;
+    }
+    Ok(found)
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    file: File,
+    id: u64,
+    len: u64,
+    unsynced: bool,
+    last_sync: Instant,
+    last_checkpoint: Instant,
+    since_checkpoint: u64,
+}
+
+impl Writer {
+    fn run(mut self) {
+        loop {
+            let (jobs, closed) = {
+                let mut queue = self.shared.queue.lock().expect("queue lock");
+                while queue.jobs.is_empty() && !queue.closed {
+                    let wait = match self.shared.options.durability {
+                        Durability::Interval(d) if self.unsynced => d,
+                        _ => self.shared.options.checkpoint_interval,
+                    };
+                    let (q, timeout) = self
+                        .shared
+                        .wake
+                        .wait_timeout(queue, wait)
+                        .expect("queue lock");
+                    queue = q;
+                    if timeout.timed_out() {
+                        break;
+                    }
+                }
+                (std::mem::take(&mut queue.jobs), queue.closed)
+            };
+            if jobs.is_empty() && !closed {
+                self.idle();
+                continue;
+            }
+            self.process(jobs);
+            if closed
+                && self
+                    .shared
+                    .queue
+                    .lock()
+                    .expect("queue lock")
+                    .jobs
+                    .is_empty()
+            {
+                break;
+            }
+        }
+        if let Err(e) = self.sync().and_then(|_| self.checkpoint()) {
+            tracing::error!(error = %e, "final checkpoint failed; the next start replays more of the log");
+        }
+    }
+
+    fn idle(&mut self) {
+        if self.unsynced {
+            if let Err(e) = self.sync() {
+                self.fail(e, Vec::new());
+            }
+        }
+        if self.since_checkpoint > 0 {
+            if let Err(e) = self.checkpoint() {
+                tracing::warn!(error = %e, "checkpoint failed");
+            }
+        }
+    }
+
+    fn process(&mut self, jobs: Vec<Job>) {
+        let mut group = Vec::new();
+        for job in jobs {
+            match job {
+                Job::Append { records, done } => group.push((records, done)),
+                Job::Snapshot { done } => {
+                    self.write_group(std::mem::take(&mut group));
+                    let snapshot = self.shared.state.lock().expect("state lock").snapshot();
+                    let record = Record::Snapshot(Box::new(snapshot));
+                    let bytes = record.encode();
+                    self.write_group(vec![(vec![(RecordMeta::Other(record), bytes)], done)]);
+                    if let Err(e) = self.sync() {
+                        self.fail(e, Vec::new());
+                    }
+                }
+            }
+        }
+        self.write_group(group);
+        let due = self.since_checkpoint >= self.shared.options.checkpoint_bytes
+            || (self.since_checkpoint > 0
+                && self.last_checkpoint.elapsed() >= self.shared.options.checkpoint_interval);
+        if due {
+            if let Err(e) = self.sync().and_then(|_| self.checkpoint()) {
+                tracing::warn!(error = %e, "checkpoint failed");
+            }
+        }
+        if self.len >= self.shared.options.segment_bytes {
+            if let Err(e) = self.roll() {
+                tracing::error!(error = %e, "could not start a new segment");
+            }
+        }
+    }
+
+    fn write_group(&mut self, group: Vec<(Vec<(RecordMeta, Bytes)>, Done)>) {
+        if group.is_empty() {
+            return;
+        }
+        if self.shared.poisoned.load(Ordering::Acquire) {
+            for (_, done) in group {
+                done(Err(Arc::new(StorageError::Poisoned)));
+            }
+            return;
+        }
+        let start = self.len;
+        let total: u64 = group
+            .iter()
+            .flat_map(|(r, _)| r.iter())
+            .map(|(_, b)| b.len() as u64)
+            .sum();
+        let path = segment::segment_path(&self.shared.log_dir, self.id);
+        if let Err(e) = write_all_vectored(&mut self.file, &group) {
+            metrics::counter!(metric::WRITE_ERRORS).increment(1);
+            let error = StorageError::io("append to", &path, e);
+            // Take back whatever part of the group reached the file.
+            if let Err(t) = self.file.set_len(start) {
+                tracing::error!(error = %t, "could not cut a failed write back; stopping writes");
+                self.shared.poisoned.store(true, Ordering::Release);
+            }
+            self.fail(error, group);
+            return;
+        }
+        self.len += total;
+        self.unsynced = true;
+        metrics::counter!(metric::BYTES_WRITTEN).increment(total);
+        metrics::histogram!(metric::GROUP_APPENDS).record(group.len() as f64);
+        let sync_now = match self.shared.options.durability {
+            Durability::Fsync => true,
+            Durability::Interval(d) => self.last_sync.elapsed() >= d,
+        };
+        if sync_now {
+            if let Err(e) = self.sync() {
+                self.fail(e, group);
+                return;
+            }
+        }
+        self.since_checkpoint += total;
+        // Durable: apply in log order, then complete.
+        let mut position = start;
+        {
+            let mut state = self.shared.state.lock().expect("state lock");
+            let mut summaries = self.shared.summaries.lock().expect("summaries lock");
+            let summary = summaries.entry(self.id).or_default();
+            for (records, _) in &group {
+                for (meta, bytes) in records {
+                    if let RecordMeta::Batch(b) = meta {
+                        let entry = IndexEntry {
+                            channel_id: b.channel_id,
+                            base_offset: b.base_offset,
+                            segment: self.id,
+                            position,
+                            len: bytes.len() as u32,
+                            count: b.entries.len() as u32,
+                            timestamp_ms: b.timestamp_ms,
+                            bytes: b.payload_bytes(),
+                        };
+                        if let Err(e) = self.shared.index.insert(&entry) {
+                            tracing::error!(error = %e, "index insert failed; the next start rebuilds it");
+                        }
+                        summary.add(
+                            b.channel_id,
+                            b.base_offset,
+                            b.end_offset(),
+                            b.payload_bytes(),
+                        );
+                    }
+                    state.apply(meta);
+                    position += bytes.len() as u64;
+                }
+            }
+            summary.size = self.len;
+        }
+        for (_, done) in group {
+            done(Ok(()));
+        }
+    }
+
+    fn sync(&mut self) -> Result<(), StorageError> {
+        if !self.unsynced {
+            return Ok(());
+        }
+        let started = Instant::now();
+        if let Err(e) = self.file.sync_data() {
+            // After a failed fsync the kernel may have dropped the dirty pages; nothing
+            // written since the last good fsync can be trusted, so stop writing.
+            self.shared.poisoned.store(true, Ordering::Release);
+            let path = segment::segment_path(&self.shared.log_dir, self.id);
+            tracing::error!(error = %e, "fdatasync failed; the log stops accepting writes");
+            return Err(StorageError::io("fdatasync", &path, e));
+        }
+        metrics::counter!(metric::FSYNCS).increment(1);
+        metrics::histogram!(metric::FSYNC_SECONDS).record(started.elapsed().as_secs_f64());
+        self.unsynced = false;
+        self.last_sync = Instant::now();
+        Ok(())
+    }
+
+    /// Fails `group` and everything queued behind it: they were decided against pending
+    /// state that the failed write makes untrue.
+    fn fail(&mut self, error: StorageError, group: Vec<(Vec<(RecordMeta, Bytes)>, Done)>) {
+        tracing::error!(%error, "append failed");
+        let error = Arc::new(error);
+        let queued = {
+            let mut state = self.shared.state.lock().expect("state lock");
+            state.reset_pending();
+            std::mem::take(&mut self.shared.queue.lock().expect("queue lock").jobs)
+        };
+        for (_, done) in group {
+            done(Err(error.clone()));
+        }
+        for job in queued {
+            match job {
+                Job::Append { done, .. } | Job::Snapshot { done } => done(Err(error.clone())),
+            }
+        }
+    }
+
+    fn checkpoint(&mut self) -> Result<(), StorageError> {
+        let state = self.shared.state.lock().expect("state lock").snapshot();
+        let summaries = self
+            .shared
+            .summaries
+            .lock()
+            .expect("summaries lock")
+            .iter()
+            .map(|(id, s)| (*id, s.clone()))
+            .collect();
+        self.shared.index.save_checkpoint(Checkpoint {
+            format: 0,
+            segment: self.id,
+            position: self.len,
+            state,
+            summaries,
+        })?;
+        self.since_checkpoint = 0;
+        self.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
+    fn roll(&mut self) -> Result<(), StorageError> {
+        self.sync()?;
+        let next = self.id + 1;
+        let file = segment::create_segment(&self.shared.log_dir, next)?;
+        self.file = file;
+        self.id = next;
+        self.len = segment::SEGMENT_HEADER_LEN;
+        self.shared.active_segment.store(next, Ordering::Release);
+        let mut summaries = self.shared.summaries.lock().expect("summaries lock");
+        summaries.entry(next).or_default().size = self.len;
+        metrics::gauge!(metric::SEGMENTS).set(summaries.len() as f64);
+        Ok(())
+    }
+}
+
+fn write_all_vectored(
+    file: &mut File,
+    group: &[(Vec<(RecordMeta, Bytes)>, Done)],
+) -> std::io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = group
+        .iter()
+        .flat_map(|(r, _)| r.iter())
+        .map(|(_, b)| IoSlice::new(b))
+        .collect();
+    // IOV_MAX is 1024 on Linux.
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let take = rest.len().min(1024);
+        let n = file.write_vectored(&rest[..take])?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

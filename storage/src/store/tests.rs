@@ -1,0 +1,308 @@
+use super::*;
+use crate::record::{Batch, ProducerStamp, Sequences, StoredMessage};
+use crate::SequenceCheck;
+
+fn opts() -> StoreOptions {
+    StoreOptions {
+        segment_bytes: 64 * 1024,
+        ..StoreOptions::default()
+    }
+}
+
+fn create(store: &Store, name: &str) -> u64 {
+    let mut txn = store.begin();
+    let id = txn.state().create_pending(name, 1);
+    drop(txn);
+    store
+        .append_blocking(vec![Record::ChannelCreated {
+            channel_id: id,
+            name: name.into(),
+            created_ms: 1,
+        }])
+        .unwrap();
+    id
+}
+
+fn publish(
+    store: &Store,
+    channel_id: u64,
+    producer: &str,
+    first_seq: u64,
+    payloads: &[&[u8]],
+) -> u64 {
+    let mut txn = store.begin();
+    let base = txn
+        .state()
+        .reserve(channel_id, payloads.len() as u64)
+        .unwrap();
+    let last = first_seq + payloads.len() as u64 - 1;
+    txn.state()
+        .note_pending_sequence(channel_id, producer, last);
+    let (tx, rx) = mpsc::channel();
+    txn.append(
+        vec![Record::Batch(Batch {
+            channel_id,
+            base_offset: base,
+            timestamp_ms: 1000 + base,
+            producer: Some(ProducerStamp {
+                producer_id: producer.into(),
+                sequences: Sequences::Dense {
+                    first: first_seq,
+                    count: payloads.len() as u32,
+                },
+            }),
+            messages: payloads
+                .iter()
+                .map(|p| StoredMessage {
+                    headers: vec![],
+                    payload: Bytes::copy_from_slice(p),
+                })
+                .collect(),
+        })],
+        Box::new(move |r| drop(tx.send(r))),
+    )
+    .unwrap();
+    drop(txn);
+    rx.recv().unwrap().unwrap();
+    base
+}
+
+fn payloads_of(store: &Store, channel_id: u64) -> Vec<(u64, Vec<u8>)> {
+    store
+        .read(channel_id, 0, usize::MAX, u64::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.offset, m.payload.to_vec()))
+        .collect()
+}
+
+#[test]
+fn appended_messages_read_back_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    let a = create(&store, "a");
+    let b = create(&store, "b");
+    assert_eq!(publish(&store, a, "p", 1, &[b"one", b"two"]), 0);
+    assert_eq!(publish(&store, b, "p", 1, &[b"x"]), 0);
+    assert_eq!(publish(&store, a, "p", 3, &[b"three"]), 2);
+    assert_eq!(
+        payloads_of(&store, a),
+        vec![
+            (0, b"one".to_vec()),
+            (1, b"two".to_vec()),
+            (2, b"three".to_vec())
+        ]
+    );
+    let from_one = store.read(a, 1, 1, u64::MAX).unwrap();
+    assert_eq!(from_one.len(), 1);
+    assert_eq!(from_one[0].offset, 1);
+    assert_eq!(from_one[0].timestamp_ms, 1000);
+    assert_eq!(store.read(a, 3, 10, u64::MAX).unwrap(), vec![]);
+}
+
+#[test]
+fn restart_keeps_every_acked_message_and_producer_state() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path(), opts()).unwrap();
+        let a = create(&store, "a");
+        for i in 0..200u64 {
+            publish(
+                &store,
+                a,
+                "p",
+                i * 2 + 1,
+                &[format!("m{i}").as_bytes(), b"pad"],
+            );
+        }
+        store
+            .append_blocking(vec![Record::CursorCommitted {
+                channel_id: a,
+                consumer: "c".into(),
+                offset: 17,
+            }])
+            .unwrap();
+    }
+    let store = Store::open(dir.path(), opts()).unwrap();
+    let a = store.with_state(|s| s.channel_id("a")).unwrap();
+    let messages = payloads_of(&store, a);
+    assert_eq!(messages.len(), 400);
+    assert!(messages
+        .iter()
+        .enumerate()
+        .all(|(i, (o, _))| *o == i as u64));
+    store.with_state(|s| {
+        let c = s.channel(a).unwrap();
+        assert_eq!(c.next_offset, 400);
+        assert_eq!(c.consumers["c"], 17);
+        assert_eq!(c.producers["p"].durable.last_sequence, Some(400));
+        assert_eq!(c.producers["p"].check(399), SequenceCheck::Stored(398));
+    });
+}
+
+#[test]
+fn deleting_the_index_rebuilds_it_from_the_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let before = {
+        let store = Store::open(dir.path(), opts()).unwrap();
+        let a = create(&store, "a");
+        for i in 0..300u64 {
+            publish(&store, a, "p", i + 1, &[&[i as u8; 700]]);
+        }
+        store.with_state(|s| s.snapshot())
+    };
+    assert!(
+        segment::list_segments(&dir.path().join("log"))
+            .unwrap()
+            .len()
+            > 1
+    );
+    std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    assert_eq!(store.with_state(|s| s.snapshot()), before);
+    let messages = payloads_of(&store, 0);
+    assert_eq!(messages.len(), 300);
+    assert_eq!(messages[299].1, vec![43u8; 700]);
+}
+
+#[test]
+fn a_torn_tail_is_cut_off_and_appends_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path(), opts()).unwrap();
+        let a = create(&store, "a");
+        publish(&store, a, "p", 1, &[b"kept"]);
+    }
+    let seg = segment::segment_path(&dir.path().join("log"), 0);
+    let good_len = std::fs::metadata(&seg).unwrap().len();
+    // A half-written record: a header promising more bytes than there are.
+    let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+    f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, 3, 9, 9]).unwrap();
+    drop(f);
+    let store = Store::open(dir.path(), opts()).unwrap();
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), good_len);
+    publish(&store, 0, "p", 2, &[b"after"]);
+    drop(store);
+    let store = Store::open(dir.path(), opts()).unwrap();
+    assert_eq!(
+        payloads_of(&store, 0),
+        vec![(0, b"kept".to_vec()), (1, b"after".to_vec())]
+    );
+}
+
+#[test]
+fn a_corrupt_batch_is_never_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    let a = create(&store, "a");
+    publish(&store, a, "p", 1, &[b"first-message"]);
+    let seg = segment::segment_path(&dir.path().join("log"), 0);
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let at = bytes
+        .windows(13)
+        .position(|w| w == b"first-message")
+        .unwrap();
+    bytes[at] ^= 0xff;
+    std::fs::write(&seg, &bytes).unwrap();
+    store.shared.files.lock().unwrap().clear();
+    let err = store.read(a, 0, 10, u64::MAX).unwrap_err();
+    assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
+    assert_eq!(store.corrupt_reads(), 1);
+}
+
+#[test]
+fn group_commit_shares_fsyncs_between_concurrent_appenders() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path(), StoreOptions::default()).unwrap());
+    let ids: Vec<u64> = (0..8).map(|i| create(&store, &format!("c{i}"))).collect();
+    let threads: Vec<_> = ids
+        .iter()
+        .map(|&id| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for i in 0..100u64 {
+                    publish(&store, id, "p", i + 1, &[b"x"]);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    for id in ids {
+        let got = payloads_of(&store, id);
+        assert_eq!(got.len(), 100);
+        assert!(got.iter().enumerate().all(|(i, (o, _))| *o == i as u64));
+    }
+}
+
+#[test]
+fn retention_deletes_consumed_segments_and_keeps_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let floor = |s: &LogState, id: u64| {
+        let c = s.channel(id).unwrap();
+        c.consumers
+            .values()
+            .copied()
+            .min()
+            .unwrap_or(c.first_offset)
+    };
+    {
+        let store = Store::open(dir.path(), opts()).unwrap();
+        let a = create(&store, "a");
+        let slow = create(&store, "slow");
+        publish(&store, slow, "q", 1, &[b"pinned?"]);
+        for i in 0..400u64 {
+            publish(&store, a, "p", i + 1, &[&[1u8; 900]]);
+        }
+        // Nobody consumes yet: nothing may go.
+        assert_eq!(store.retain(floor).unwrap().segments_deleted, 0);
+        let commit = |channel_id, offset| {
+            store
+                .append_blocking(vec![Record::CursorCommitted {
+                    channel_id,
+                    consumer: "c".into(),
+                    offset,
+                }])
+                .unwrap()
+        };
+        commit(a, 300);
+        commit(slow, 1);
+        let disk_before = store.disk_bytes();
+        let report = store.retain(floor).unwrap();
+        assert!(report.segments_deleted >= 2, "{report:?}");
+        assert!(store.disk_bytes() < disk_before);
+        let first = store.with_state(|s| s.channel(a).unwrap().first_offset);
+        assert!(first > 0 && first <= 300, "first retained offset {first}");
+        let read = store.read(a, 0, usize::MAX, u64::MAX).unwrap();
+        assert_eq!(read[0].offset, first);
+        assert_eq!(read.last().unwrap().offset, 399);
+    }
+    // The channel records, cursors and producer states of deleted segments survive via the
+    // snapshot, with or without the index.
+    for wipe_index in [false, true] {
+        if wipe_index {
+            std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+        }
+        let store = Store::open(dir.path(), opts()).unwrap();
+        store.with_state(|s| {
+            let a = s.channel(s.channel_id("a").unwrap()).unwrap();
+            assert_eq!(a.consumers["c"], 300);
+            assert_eq!(a.next_offset, 400);
+            assert_eq!(a.producers["p"].durable.last_sequence, Some(400));
+            let slow = s.channel(s.channel_id("slow").unwrap()).unwrap();
+            assert_eq!(slow.next_offset, 1);
+            assert_eq!(slow.producers["q"].durable.last_sequence, Some(1));
+        });
+        let a = store.with_state(|s| s.channel_id("a")).unwrap();
+        assert_eq!(
+            store
+                .read(a, 0, usize::MAX, u64::MAX)
+                .unwrap()
+                .last()
+                .unwrap()
+                .offset,
+            399
+        );
+    }
+}

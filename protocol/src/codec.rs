@@ -1,0 +1,326 @@
+//! The frame codec (§2).
+//!
+//! ```text
+//! +----------------+---------+--------------------+------------------+------------------+
+//! | length u32 BE  | kind u8 | meta_length u32 BE | meta (bincode)   | data (payloads)  |
+//! +----------------+---------+--------------------+------------------+------------------+
+//!   length counts every byte after the 9-byte header: meta_length + data length.
+//! ```
+//!
+//! bincode runs with fixed options (fixed-width little-endian integers, no trailing bytes)
+//! and a byte limit equal to the declared meta length, so a hostile length prefix inside the
+//! meta can never make the decoder allocate more than the frame it already holds.
+
+use bincode::Options;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::frame::{kind, *};
+use crate::ErrorCode;
+
+/// Size of the fixed frame header.
+pub const HEADER_LEN: usize = 9;
+
+/// Payloads below this size are copied into the frame buffer by [`encode_chunks`]; larger
+/// ones are handed over as their own chunk so they are never copied.
+const COALESCE_BELOW: usize = 16 * 1024;
+
+/// Why bytes could not be decoded into a frame. Every variant is fatal for the stream.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge { len: u64, max: u64 },
+    #[error("unknown frame kind {kind}")]
+    UnknownKind { kind: u8 },
+    #[error("{kind} frame declares {meta_len} meta bytes but holds only {len}")]
+    MetaLength {
+        kind: &'static str,
+        meta_len: u32,
+        len: u32,
+    },
+    #[error("{kind} frame is malformed: {source}")]
+    Malformed {
+        kind: &'static str,
+        source: bincode::Error,
+    },
+    #[error("{kind} frame declares {declared} payload bytes but carries {actual}")]
+    PayloadLength {
+        kind: &'static str,
+        declared: u64,
+        actual: u64,
+    },
+}
+
+impl DecodeError {
+    /// The stable code to send to the peer.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DecodeError::TooLarge { .. } => ErrorCode::FRAME_TOO_LARGE,
+            DecodeError::UnknownKind { .. } => ErrorCode::UNKNOWN_FRAME_KIND,
+            _ => ErrorCode::MALFORMED_FRAME,
+        }
+    }
+}
+
+fn options() -> impl Options {
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_little_endian()
+        .reject_trailing_bytes()
+}
+
+#[derive(Serialize, Deserialize)]
+struct PublishEntry {
+    sequence: u64,
+    headers: Headers,
+    len: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PublishBatchMeta {
+    batch_id: u64,
+    messages: Vec<PublishEntry>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct DeliverEntry {
+    offset: u64,
+    timestamp_ms: u64,
+    headers: Headers,
+    len: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct DeliverMeta {
+    messages: Vec<DeliverEntry>,
+}
+
+/// Returns the total length of the first frame in `buf` once all of it is there,
+/// `Ok(None)` while more bytes are needed, or an error as soon as the header is invalid.
+pub fn frame_len(buf: &[u8], max_frame_bytes: u64) -> Result<Option<usize>, DecodeError> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    let kind_byte = buf[4];
+    let meta_len = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]);
+    if u64::from(len) > max_frame_bytes {
+        return Err(DecodeError::TooLarge {
+            len: u64::from(len),
+            max: max_frame_bytes,
+        });
+    }
+    if kind::name(kind_byte) == "unknown" {
+        return Err(DecodeError::UnknownKind { kind: kind_byte });
+    }
+    if meta_len > len {
+        return Err(DecodeError::MetaLength {
+            kind: kind::name(kind_byte),
+            meta_len,
+            len,
+        });
+    }
+    let total = HEADER_LEN + len as usize;
+    Ok((buf.len() >= total).then_some(total))
+}
+
+/// Decodes the first frame of `buf`, removing its bytes. A partial frame is `Ok(None)` and
+/// leaves `buf` untouched. Payloads are slices of `buf`'s memory, never copies.
+pub fn decode(buf: &mut BytesMut, max_frame_bytes: u64) -> Result<Option<Frame>, DecodeError> {
+    let Some(total) = frame_len(buf, max_frame_bytes)? else {
+        return Ok(None);
+    };
+    let mut frame = buf.split_to(total).freeze();
+    let kind_byte = frame[4];
+    let meta_len = u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]) as usize;
+    frame.advance(HEADER_LEN);
+    let meta = frame.split_to(meta_len);
+    let data = frame;
+    let name = kind::name(kind_byte);
+    let no_data = |frame: Frame| {
+        if data.is_empty() {
+            Ok(Some(frame))
+        } else {
+            Err(DecodeError::PayloadLength {
+                kind: name,
+                declared: 0,
+                actual: data.len() as u64,
+            })
+        }
+    };
+    match kind_byte {
+        kind::HELLO => no_data(Frame::Hello(meta_of(name, &meta)?)),
+        kind::HELLO_OK => no_data(Frame::HelloOk(meta_of(name, &meta)?)),
+        kind::ERROR => no_data(Frame::Error(meta_of(name, &meta)?)),
+        kind::REQUEST => no_data(Frame::Request(meta_of(name, &meta)?)),
+        kind::RESPONSE => no_data(Frame::Response(meta_of(name, &meta)?)),
+        kind::OPEN_PUBLISH => no_data(Frame::OpenPublish(meta_of(name, &meta)?)),
+        kind::PUBLISH_OPENED => no_data(Frame::PublishOpened(meta_of(name, &meta)?)),
+        kind::PUBLISH_ACK => no_data(Frame::PublishAck(meta_of(name, &meta)?)),
+        kind::SUBSCRIBE => no_data(Frame::Subscribe(meta_of(name, &meta)?)),
+        kind::SUBSCRIBED => no_data(Frame::Subscribed(meta_of(name, &meta)?)),
+        kind::CREDIT => no_data(Frame::Credit(meta_of(name, &meta)?)),
+        kind::COMMIT => no_data(Frame::Commit(meta_of(name, &meta)?)),
+        kind::COMMIT_OK => no_data(Frame::CommitOk(meta_of(name, &meta)?)),
+        kind::PUBLISH_BATCH => {
+            let m: PublishBatchMeta = meta_of(name, &meta)?;
+            let lens = m.messages.iter().map(|e| e.len);
+            let mut payloads = split_payloads(name, lens, data)?.into_iter();
+            let messages = m
+                .messages
+                .into_iter()
+                .map(|e| PublishMessage {
+                    sequence: e.sequence,
+                    headers: e.headers,
+                    payload: payloads.next().unwrap_or_default(),
+                })
+                .collect();
+            Ok(Some(Frame::PublishBatch(PublishBatch {
+                batch_id: m.batch_id,
+                messages,
+            })))
+        }
+        kind::DELIVER => {
+            let m: DeliverMeta = meta_of(name, &meta)?;
+            let lens = m.messages.iter().map(|e| e.len);
+            let mut payloads = split_payloads(name, lens, data)?.into_iter();
+            let messages = m
+                .messages
+                .into_iter()
+                .map(|e| DeliveredMessage {
+                    offset: e.offset,
+                    timestamp_ms: e.timestamp_ms,
+                    headers: e.headers,
+                    payload: payloads.next().unwrap_or_default(),
+                })
+                .collect();
+            Ok(Some(Frame::Deliver(Deliver { messages })))
+        }
+        other => Err(DecodeError::UnknownKind { kind: other }),
+    }
+}
+
+fn meta_of<T: DeserializeOwned>(kind: &'static str, meta: &[u8]) -> Result<T, DecodeError> {
+    options()
+        .with_limit(meta.len() as u64)
+        .deserialize(meta)
+        .map_err(|source| DecodeError::Malformed { kind, source })
+}
+
+fn split_payloads(
+    kind: &'static str,
+    lens: impl Iterator<Item = u32> + Clone,
+    mut data: Bytes,
+) -> Result<Vec<Bytes>, DecodeError> {
+    let declared: u64 = lens.clone().map(u64::from).sum();
+    if declared != data.len() as u64 {
+        return Err(DecodeError::PayloadLength {
+            kind,
+            declared,
+            actual: data.len() as u64,
+        });
+    }
+    Ok(lens.map(|len| data.split_to(len as usize)).collect())
+}
+
+/// Appends the encoding of `frame` to `dst`, copying payloads.
+pub fn encode(frame: &Frame, dst: &mut BytesMut) {
+    let mut chunks = Vec::new();
+    encode_inner(frame, dst, &mut chunks, usize::MAX);
+    debug_assert!(chunks.is_empty());
+}
+
+/// Appends the encoding of `frame` to `out` as chunks for a vectored write. Small payloads
+/// are copied into the header chunk; large ones are passed as their own [`Bytes`] so a
+/// 64 MiB message is never copied on its way to the socket.
+pub fn encode_chunks(frame: &Frame, out: &mut Vec<Bytes>) {
+    let mut buf = BytesMut::new();
+    encode_inner(frame, &mut buf, out, COALESCE_BELOW);
+}
+
+fn encode_inner(frame: &Frame, dst: &mut BytesMut, out: &mut Vec<Bytes>, coalesce_below: usize) {
+    let start = dst.len();
+    dst.put_bytes(0, HEADER_LEN);
+    let mut payloads: Vec<&Bytes> = Vec::new();
+    {
+        let mut writer = dst.writer();
+        let w = &mut writer;
+        let result = match frame {
+            Frame::Hello(m) => options().serialize_into(w, m),
+            Frame::HelloOk(m) => options().serialize_into(w, m),
+            Frame::Error(m) => options().serialize_into(w, m),
+            Frame::Request(m) => options().serialize_into(w, m),
+            Frame::Response(m) => options().serialize_into(w, m),
+            Frame::OpenPublish(m) => options().serialize_into(w, m),
+            Frame::PublishOpened(m) => options().serialize_into(w, m),
+            Frame::PublishAck(m) => options().serialize_into(w, m),
+            Frame::Subscribe(m) => options().serialize_into(w, m),
+            Frame::Subscribed(m) => options().serialize_into(w, m),
+            Frame::Credit(m) => options().serialize_into(w, m),
+            Frame::Commit(m) => options().serialize_into(w, m),
+            Frame::CommitOk(m) => options().serialize_into(w, m),
+            Frame::PublishBatch(b) => {
+                payloads.extend(b.messages.iter().map(|m| &m.payload));
+                let meta = PublishBatchMeta {
+                    batch_id: b.batch_id,
+                    messages: b
+                        .messages
+                        .iter()
+                        .map(|m| PublishEntry {
+                            sequence: m.sequence,
+                            headers: m.headers.clone(),
+                            len: payload_len(&m.payload),
+                        })
+                        .collect(),
+                };
+                options().serialize_into(w, &meta)
+            }
+            Frame::Deliver(d) => {
+                payloads.extend(d.messages.iter().map(|m| &m.payload));
+                let meta = DeliverMeta {
+                    messages: d
+                        .messages
+                        .iter()
+                        .map(|m| DeliverEntry {
+                            offset: m.offset,
+                            timestamp_ms: m.timestamp_ms,
+                            headers: m.headers.clone(),
+                            len: payload_len(&m.payload),
+                        })
+                        .collect(),
+                };
+                options().serialize_into(w, &meta)
+            }
+        };
+        // Serializing plain structs into memory has no failure mode.
+        result.expect("bincode serialization into memory cannot fail");
+    }
+    let meta_len = dst.len() - start - HEADER_LEN;
+    let data_len: usize = payloads.iter().map(|p| p.len()).sum();
+    let len = u32::try_from(meta_len + data_len).expect("frame larger than 4 GiB");
+    let header = &mut dst[start..start + HEADER_LEN];
+    header[..4].copy_from_slice(&len.to_be_bytes());
+    header[4] = frame.kind();
+    header[5..9].copy_from_slice(&(meta_len as u32).to_be_bytes());
+    for payload in payloads {
+        if payload.len() < coalesce_below {
+            dst.extend_from_slice(payload);
+        } else {
+            if !dst.is_empty() {
+                out.push(dst.split().freeze());
+            }
+            out.push(payload.clone());
+        }
+    }
+    if coalesce_below != usize::MAX && !dst.is_empty() {
+        out.push(dst.split().freeze());
+    }
+}
+
+fn payload_len(payload: &Bytes) -> u32 {
+    u32::try_from(payload.len()).expect("payload larger than 4 GiB")
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,562 @@
+//! `directmq`: the broker and its command-line tools (SPEC §4).
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use base64::Engine as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use directmq_broker::config::{Config, Overrides};
+use directmq_client::{Client, ClientConfig, StartPosition};
+
+#[derive(Parser)]
+#[command(
+    name = "directmq",
+    version,
+    about = "DirectMQ: a persistent QUIC message broker for database replication between datacenters"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker.
+    Serve {
+        /// Data directory (default ./directmq-data).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// QUIC address (default 127.0.0.1:7070).
+        #[arg(long)]
+        listen: Option<String>,
+        /// HTTP address for /health and /metrics (default 127.0.0.1:7071).
+        #[arg(long)]
+        http: Option<String>,
+        /// TOML config file (see docs/directmq.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// ACL file (default <data>/acl.toml).
+        #[arg(long)]
+        acl: Option<PathBuf>,
+    },
+    /// Publish each line of stdin as one message.
+    Publish {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        channel: String,
+        /// Stable producer id; its sequence resumes where the broker has it.
+        #[arg(long, default_value = "directmq-cli")]
+        producer_id: String,
+        /// Print one JSON line per ack: {"offset":N,"sequence":N}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print messages in order, committing as it goes.
+    Consume {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        channel: String,
+        /// Durable consumer name.
+        #[arg(long)]
+        consumer: String,
+        /// Where a new consumer starts: earliest, latest or an offset.
+        #[arg(long, default_value = "earliest")]
+        from: String,
+        /// Stop after this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+        /// One JSON line per message.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List channels.
+    Channels {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, default_value = "")]
+        prefix: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show every channel's consumers and their lag.
+    Status {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, default_value = "")]
+        prefix: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create or delete a channel.
+    Channel {
+        #[command(subcommand)]
+        action: ChannelAction,
+    },
+    /// Administer durable consumers.
+    Consumer {
+        #[command(subcommand)]
+        action: ConsumerAction,
+    },
+    /// Issue certificates (PEM files).
+    Certs {
+        #[command(subcommand)]
+        action: CertsAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ChannelAction {
+    Create {
+        #[command(flatten)]
+        conn: Conn,
+        name: String,
+    },
+    Delete {
+        #[command(flatten)]
+        conn: Conn,
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConsumerAction {
+    /// Move a consumer to earliest, latest or an offset (it must not be connected).
+    Reset {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        channel: String,
+        #[arg(long)]
+        consumer: String,
+        #[arg(long)]
+        to: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsAction {
+    /// Create a CA: ca.pem and ca.key.
+    Ca {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "DirectMQ CA")]
+        name: String,
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// Issue server.pem and server.key for the given host names and addresses.
+    Server {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
+    /// Issue client.pem and client.key for an identity (plus a copy of ca.pem).
+    Client {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
+}
+
+#[derive(Args, Clone)]
+struct Conn {
+    /// Broker address.
+    #[arg(long, env = "DIRECTMQ_BROKER", default_value = "127.0.0.1:7070")]
+    broker: String,
+    /// Folder with ca.pem, client.pem and client.key.
+    #[arg(long, env = "DIRECTMQ_CERTS", default_value = "./directmq-data/certs")]
+    certs: PathBuf,
+}
+
+impl Conn {
+    async fn connect(&self) -> Result<Client> {
+        let mut config = ClientConfig::from_certs_dir(&self.broker, &self.certs)?;
+        config.reconnect_for = Some(Duration::from_secs(60));
+        Ok(Client::connect(config).await?)
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let serving = matches!(cli.command, Command::Serve { .. });
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if serving { "info" } else { "warn" })
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if let Err(e) = runtime.block_on(run(cli.command)) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Serve {
+            data,
+            listen,
+            http,
+            config,
+            acl,
+        } => {
+            serve(
+                config,
+                Overrides {
+                    data,
+                    listen,
+                    http,
+                    acl,
+                },
+            )
+            .await
+        }
+        Command::Publish {
+            conn,
+            channel,
+            producer_id,
+            json,
+        } => publish(conn, channel, producer_id, json).await,
+        Command::Consume {
+            conn,
+            channel,
+            consumer,
+            from,
+            count,
+            json,
+        } => consume(conn, channel, consumer, parse_position(&from)?, count, json).await,
+        Command::Channels { conn, prefix, json } => channels(conn, prefix, json).await,
+        Command::Status { conn, prefix, json } => status(conn, prefix, json).await,
+        Command::Channel { action } => match action {
+            ChannelAction::Create { conn, name } => {
+                conn.connect().await?.create_channel(&name).await?;
+                eprintln!("created channel {name}");
+                Ok(())
+            }
+            ChannelAction::Delete { conn, name } => {
+                conn.connect().await?.delete_channel(&name).await?;
+                eprintln!("deleted channel {name}");
+                Ok(())
+            }
+        },
+        Command::Consumer {
+            action:
+                ConsumerAction::Reset {
+                    conn,
+                    channel,
+                    consumer,
+                    to,
+                },
+        } => {
+            conn.connect()
+                .await?
+                .reset_consumer(&channel, &consumer, parse_position(&to)?)
+                .await?;
+            eprintln!("consumer {consumer} on {channel} reset to {to}");
+            Ok(())
+        }
+        Command::Certs { action } => certs(action),
+    }
+}
+
+fn parse_position(text: &str) -> Result<StartPosition> {
+    Ok(match text {
+        "earliest" => StartPosition::Earliest,
+        "latest" => StartPosition::Latest,
+        n => StartPosition::Offset(n.parse().with_context(|| {
+            format!("{n:?} is not a position; use earliest, latest or an offset")
+        })?),
+    })
+}
+
+async fn serve(config_file: Option<PathBuf>, overrides: Overrides) -> Result<()> {
+    let config = Config::load(
+        config_file.as_deref(),
+        |k| std::env::var(k).ok(),
+        &overrides,
+    )?;
+    let mut running = directmq_broker::start(config.clone()).await?;
+    if running.created_dev_certs {
+        eprintln!(
+            "created a development CA, a server certificate and an `admin` client certificate in {}\n\
+             and an ACL granting `admin` everything in {}",
+            config.certs_dir().display(),
+            config.acl_path().display()
+        );
+    }
+    eprintln!(
+        "directmq serving QUIC on {} and HTTP on {} (data in {}); clients use --certs {}",
+        running.quic_addr,
+        running.http_addr,
+        config.data.display(),
+        config.certs_dir().display()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+        () = running.wait() => bail!("the broker stopped unexpectedly"),
+    }
+    eprintln!("shutting down: finishing in-flight writes and acks");
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn publish(conn: Conn, channel: String, producer_id: String, json: bool) -> Result<()> {
+    let client = conn.connect().await?;
+    let producer = client.producer(&channel, &producer_id).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<
+        Result<directmq_client::PendingAck, directmq_client::Error>,
+    >(65_536);
+    // Acks are printed in order while stdin is still being read.
+    let printer = tokio::spawn(async move {
+        let mut out = std::io::stdout();
+        let mut count = 0u64;
+        while let Some(ack) = rx.recv().await {
+            let receipt = match ack {
+                Ok(pending) => pending.await,
+                Err(e) => Err(e),
+            };
+            let receipt: directmq_client::Receipt = receipt?;
+            count += 1;
+            if json {
+                let offset = receipt
+                    .offset
+                    .map_or(serde_json::Value::Null, serde_json::Value::from);
+                let line = serde_json::json!({"offset": offset, "sequence": receipt.sequence});
+                writeln!(out, "{line}")?;
+            }
+        }
+        out.flush()?;
+        Ok::<u64, anyhow::Error>(count)
+    });
+    let lines = tokio::task::spawn_blocking(move || {
+        let stdin = std::io::stdin();
+        let mut lines = Vec::new();
+        for line in stdin.lock().lines() {
+            lines.push(line?);
+        }
+        Ok::<_, std::io::Error>(lines)
+    });
+    // stdin is read in full first: line order is publish order, and sequences stay
+    // consecutive even if the broker restarts meanwhile.
+    let lines = lines.await??;
+    for line in lines {
+        let pending = producer.enqueue(line).await;
+        if tx.send(pending).await.is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    let count = printer.await??;
+    drop(producer);
+    client.close().await;
+    if !json {
+        eprintln!("published {count} messages to {channel}");
+    }
+    Ok(())
+}
+
+async fn consume(
+    conn: Conn,
+    channel: String,
+    name: String,
+    from: StartPosition,
+    count: Option<u64>,
+    json: bool,
+) -> Result<()> {
+    let client = conn.connect().await?;
+    let mut consumer = client.consumer(&channel, &name, from).await?;
+    let mut seen = 0u64;
+    let mut last = None;
+    let mut out = std::io::stdout();
+    while count.is_none_or(|c| seen < c) {
+        let message = tokio::select! {
+            m = consumer.next() => m,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        let Some(message) = message else { break };
+        let message = message?;
+        if json {
+            let mut line = serde_json::json!({
+                "channel": &*message.channel,
+                "offset": message.offset,
+                "timestamp_ms": message.timestamp_ms,
+            });
+            match std::str::from_utf8(&message.payload) {
+                Ok(text) => line["payload"] = text.into(),
+                Err(_) => {
+                    line["payload"] = base64::engine::general_purpose::STANDARD
+                        .encode(&message.payload)
+                        .into();
+                    line["encoding"] = "base64".into();
+                }
+            }
+            writeln!(out, "{line}")?;
+        } else {
+            out.write_all(&message.payload)?;
+            out.write_all(b"\n")?;
+        }
+        seen += 1;
+        last = Some(message.offset);
+        consumer.commit_nowait(message.offset + 1);
+    }
+    out.flush()?;
+    if let Some(offset) = last {
+        consumer.commit(offset + 1).await?;
+    }
+    drop(consumer);
+    client.close().await;
+    Ok(())
+}
+
+async fn channels(conn: Conn, prefix: String, json: bool) -> Result<()> {
+    let list = conn.connect().await?.list_channels(&prefix).await?;
+    if json {
+        for c in list {
+            println!(
+                "{}",
+                serde_json::json!({"name": c.name, "head": c.head, "first": c.first, "bytes": c.bytes, "created_ms": c.created_ms})
+            );
+        }
+    } else {
+        println!(
+            "{:<40} {:>12} {:>12} {:>14}",
+            "CHANNEL", "HEAD", "FIRST", "BYTES"
+        );
+        for c in list {
+            println!(
+                "{:<40} {:>12} {:>12} {:>14}",
+                c.name, c.head, c.first, c.bytes
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn status(conn: Conn, prefix: String, json: bool) -> Result<()> {
+    let list = conn.connect().await?.status(&prefix).await?;
+    if json {
+        for s in list {
+            let consumers: Vec<_> = s
+                .consumers
+                .iter()
+                .map(|c| {
+                    serde_json::json!({
+                        "name": c.name,
+                        "committed": c.committed,
+                        "lag_messages": c.lag_messages,
+                        "lag_bytes": c.lag_bytes,
+                        "lag_seconds": c.lag_ms as f64 / 1000.0,
+                        "active": c.active,
+                    })
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "channel": s.channel.name,
+                    "head": s.channel.head,
+                    "first": s.channel.first,
+                    "bytes": s.channel.bytes,
+                    "last_append_ms": s.last_append_ms,
+                    "consumers": consumers,
+                })
+            );
+        }
+    } else {
+        println!(
+            "{:<32} {:<20} {:>10} {:>10} {:>12} {:>10} {:>7}",
+            "CHANNEL", "CONSUMER", "HEAD", "COMMITTED", "LAG MSGS", "LAG S", "ACTIVE"
+        );
+        for s in list {
+            if s.consumers.is_empty() {
+                println!("{:<32} {:<20} {:>10}", s.channel.name, "-", s.channel.head);
+            }
+            for c in &s.consumers {
+                println!(
+                    "{:<32} {:<20} {:>10} {:>10} {:>12} {:>10.1} {:>7}",
+                    s.channel.name,
+                    c.name,
+                    s.channel.head,
+                    c.committed,
+                    c.lag_messages,
+                    c.lag_ms as f64 / 1000.0,
+                    if c.active { "yes" } else { "no" }
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn certs(action: CertsAction) -> Result<()> {
+    use directmq_broker::tls;
+    match action {
+        CertsAction::Ca { out, name, days } => {
+            if out.join("ca.pem").exists() {
+                bail!(
+                    "{} already holds a ca.pem; choose another --out",
+                    out.display()
+                );
+            }
+            tls::create_ca(&out, &name, days)?;
+            eprintln!("wrote {0}/ca.pem and {0}/ca.key", out.display());
+        }
+        CertsAction::Server {
+            ca_dir,
+            names,
+            out,
+            days,
+        } => {
+            tls::issue_server(&ca_dir, &out, &names, days)?;
+            eprintln!("wrote {0}/server.pem and {0}/server.key", out.display());
+        }
+        CertsAction::Client {
+            ca_dir,
+            name,
+            out,
+            days,
+        } => {
+            directmq_protocol::validate_identifier(&name)
+                .map_err(|e| anyhow::anyhow!("invalid identity {name:?}: {e}"))?;
+            tls::issue_client(&ca_dir, &out, &name, days)?;
+            eprintln!(
+                "wrote {0}/client.pem, {0}/client.key and {0}/ca.pem",
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}

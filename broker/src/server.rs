@@ -1,0 +1,1225 @@
+//! The network shell: accepts QUIC connections, moves frames, asks the engine, queues what
+//! it decides and sends acks once storage reports the fsync done (docs/protocol.md §3–§4).
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use directmq_client::{FrameReader, FrameWriter, StreamError};
+use directmq_protocol::{self as proto, ErrorCode, Frame, RequestBody, ResponseBody};
+use directmq_storage::{Record, StorageError, Store, StoredMessage};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::acl::{Acl, Right};
+use crate::config::Config;
+use crate::engine::{self, Incoming, PublishDecision, Refusal};
+use crate::metrics as m;
+
+/// How long a new stream may take to send its first frame.
+const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most messages and payload bytes in one Deliver frame.
+const DELIVER_MESSAGES: usize = 1024;
+const DELIVER_BYTES: u64 = 1024 * 1024;
+/// Publish batches accepted on one stream before their acks are written.
+const ACKS_IN_FLIGHT: usize = 256;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The broker's shared state.
+pub struct Broker {
+    config: Config,
+    store: Arc<Store>,
+    acl: RwLock<Arc<Acl>>,
+    /// Active consumer sessions: (channel id, consumer name).
+    sessions: Mutex<HashSet<(u64, String)>>,
+    /// Durable head per channel, for waking consumer sessions.
+    heads: Mutex<HashMap<u64, watch::Sender<u64>>>,
+    connections: AtomicUsize,
+    shutting_down: AtomicBool,
+    shutdown: watch::Sender<bool>,
+    tasks: TaskTracker,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("listen", &self.config.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Broker {
+    pub fn new(config: Config, store: Arc<Store>, acl: Acl) -> Arc<Broker> {
+        Arc::new(Broker {
+            config,
+            store,
+            acl: RwLock::new(Arc::new(acl)),
+            sessions: Mutex::new(HashSet::new()),
+            heads: Mutex::new(HashMap::new()),
+            connections: AtomicUsize::new(0),
+            shutting_down: AtomicBool::new(false),
+            shutdown: watch::channel(false).0,
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Replaces the ACL (on reload).
+    pub fn set_acl(&self, acl: Acl) {
+        *self.acl.write().expect("acl lock") = Arc::new(acl);
+    }
+
+    fn acl(&self) -> Arc<Acl> {
+        self.acl.read().expect("acl lock").clone()
+    }
+
+    fn authorize(&self, identity: &str, right: Right, channel: &str) -> Result<(), Refusal> {
+        if self.acl().allows(identity, right, channel) {
+            Ok(())
+        } else {
+            Err(Refusal::new(
+                ErrorCode::UNAUTHORIZED,
+                format!(
+                    "identity {identity:?} has no {} right on channel {channel:?}",
+                    right.as_str()
+                ),
+            ))
+        }
+    }
+
+    /// The durable-head notifier of a channel, created from the state on first use.
+    fn head_sender(&self, channel_id: u64) -> watch::Sender<u64> {
+        let mut heads = self.heads.lock().expect("heads lock");
+        heads
+            .entry(channel_id)
+            .or_insert_with(|| {
+                let head = self
+                    .store
+                    .with_state(|s| s.channel(channel_id).map_or(0, |c| c.next_offset));
+                watch::channel(head).0
+            })
+            .clone()
+    }
+
+    fn storage_refusal(&self, e: &StorageError) -> Refusal {
+        match e {
+            StorageError::Closed => Refusal::new(
+                ErrorCode::SHUTTING_DOWN,
+                "the broker is shutting down; retry",
+            ),
+            e if e.is_full() => Refusal::new(
+                ErrorCode::STORAGE_FULL,
+                "the broker's storage is full; nothing was stored, retry later",
+            ),
+            e => Refusal::new(
+                ErrorCode::STORAGE_ERROR,
+                format!("the broker could not store the data: {e}"),
+            ),
+        }
+    }
+
+    /// Queues `records` and waits until they are durable.
+    async fn append(&self, records: Vec<Record>) -> Result<(), Refusal> {
+        let (tx, rx) = oneshot::channel();
+        self.store
+            .begin()
+            .append(records, Box::new(move |r| drop(tx.send(r))))
+            .map_err(|e| self.storage_refusal(&e))?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.storage_refusal(&e)),
+            Err(_) => Err(self.storage_refusal(&StorageError::Closed)),
+        }
+    }
+
+    /// Serves connections from `endpoint` until `shutdown` resolves, then shuts down
+    /// gracefully: stop accepting, let streams finish their acks, drain storage, close.
+    pub async fn run(
+        self: Arc<Self>,
+        endpoint: quinn::Endpoint,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        let retention = self.tasks.spawn(self.clone().retention_loop());
+        loop {
+            tokio::select! {
+                incoming = endpoint.accept() => match incoming {
+                    Some(incoming) => {
+                        let broker = self.clone();
+                        self.tasks.spawn(async move { broker.connection(incoming).await });
+                    }
+                    None => break,
+                },
+                () = &mut shutdown => break,
+            }
+        }
+        info!("shutting down: no new connections; finishing in-flight appends and acks");
+        self.shutting_down.store(true, Ordering::Release);
+        endpoint.set_server_config(None);
+        let _ = self.shutdown.send(true);
+        retention.abort();
+        self.tasks.close();
+        // Streams stop reading new frames, their pending appends complete, acks are sent.
+        if tokio::time::timeout(Duration::from_secs(10), self.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!("some streams did not finish within 10 s");
+        }
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.close()).await;
+        endpoint.close(
+            quinn::VarInt::from_u32(u32::from(ErrorCode::SHUTTING_DOWN.0)),
+            b"broker shutting down",
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        info!("shutdown complete");
+    }
+
+    async fn retention_loop(self: Arc<Self>) {
+        let period = Duration::from_millis(self.config.retention_interval_ms);
+        let mut shutdown = self.shutdown.subscribe();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(period) => {}
+                _ = shutdown.changed() => return,
+            }
+            let store = self.store.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                store
+                    .retain(|state, id| state.channel(id).map_or(u64::MAX, engine::retention_floor))
+            })
+            .await;
+            match result {
+                Ok(Ok(report)) if report.segments_deleted > 0 => {
+                    debug!(?report, "retention pass");
+                }
+                Ok(Err(e)) => warn!(error = %e, "retention pass failed"),
+                _ => {}
+            }
+        }
+    }
+
+    async fn connection(self: Arc<Self>, incoming: quinn::Incoming) {
+        let remote = incoming.remote_address();
+        if self.connections.load(Ordering::Acquire) >= self.config.max_connections {
+            warn!(%remote, limit = self.config.max_connections, "refusing a connection: too many connections");
+            incoming.refuse();
+            return;
+        }
+        let connection = match incoming.await {
+            Ok(c) => c,
+            Err(e) => {
+                info!(%remote, error = %e, "refused a connection during the handshake");
+                return;
+            }
+        };
+        let Some(identity) = crate::tls::peer_identity(&connection) else {
+            connection.close(
+                1u32.into(),
+                b"a client certificate with a common name is required",
+            );
+            return;
+        };
+        let span = tracing::info_span!("conn", %remote, %identity);
+        self.connections.fetch_add(1, Ordering::AcqRel);
+        metrics::gauge!(m::CONNECTIONS).increment(1.0);
+        self.clone()
+            .serve_connection(connection, identity, remote)
+            .instrument(span)
+            .await;
+        self.connections.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!(m::CONNECTIONS).decrement(1.0);
+    }
+
+    async fn serve_connection(
+        self: Arc<Self>,
+        connection: quinn::Connection,
+        identity: String,
+        remote: SocketAddr,
+    ) {
+        let max_frame = proto::max_frame_bytes(self.config.max_message_bytes);
+        // §3: the first stream is the control stream and starts with Hello.
+        let Ok(Ok((send, recv))) =
+            tokio::time::timeout(FIRST_FRAME_TIMEOUT, connection.accept_bi()).await
+        else {
+            connection.close(0u32.into(), b"no control stream");
+            return;
+        };
+        let mut writer = FrameWriter::new(send);
+        let mut reader = FrameReader::new(recv, max_frame);
+        match tokio::time::timeout(FIRST_FRAME_TIMEOUT, reader.next()).await {
+            Ok(Ok(Some(Frame::Hello(hello)))) if hello.version == proto::PROTOCOL_VERSION => {
+                debug!(client = %hello.client, "hello");
+            }
+            Ok(Ok(Some(Frame::Hello(hello)))) => {
+                let message = format!(
+                    "this broker speaks protocol version {}; the client asked for version {}",
+                    proto::PROTOCOL_VERSION,
+                    hello.version
+                );
+                info!(%message, "refusing a client");
+                writer.fail(ErrorCode::UNSUPPORTED_VERSION, message).await;
+                close_after_flush(&connection, ErrorCode::UNSUPPORTED_VERSION).await;
+                return;
+            }
+            Ok(Ok(Some(other))) => {
+                writer
+                    .fail(
+                        ErrorCode::UNEXPECTED_FRAME,
+                        format!("expected Hello first, got {}", other.name()),
+                    )
+                    .await;
+                close_after_flush(&connection, ErrorCode::UNEXPECTED_FRAME).await;
+                return;
+            }
+            Ok(Err(StreamError::Decode(e))) => {
+                writer.fail(e.code(), format!("invalid hello: {e}")).await;
+                close_after_flush(&connection, e.code()).await;
+                return;
+            }
+            _ => {
+                connection.close(0u32.into(), b"no hello");
+                return;
+            }
+        }
+        let hello_ok = Frame::HelloOk(proto::HelloOk {
+            version: proto::PROTOCOL_VERSION,
+            server: format!("directmq/{}", env!("CARGO_PKG_VERSION")),
+            identity: identity.clone(),
+            max_message_bytes: self.config.max_message_bytes,
+            max_frame_bytes: max_frame,
+        });
+        if writer.write(&hello_ok).await.is_err() {
+            return;
+        }
+        debug!(%remote, "connection ready");
+        let identity: Arc<str> = identity.into();
+        {
+            let broker = self.clone();
+            let identity = identity.clone();
+            self.tasks.spawn(
+                async move { broker.control(identity, writer, reader).await }.in_current_span(),
+            );
+        }
+        let mut shutdown = self.shutdown.subscribe();
+        loop {
+            let accepted = tokio::select! {
+                a = connection.accept_bi() => a,
+                _ = shutdown.changed() => break,
+            };
+            let (send, recv) = match accepted {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(reason = %e, "connection closed");
+                    break;
+                }
+            };
+            let broker = self.clone();
+            let identity = identity.clone();
+            self.tasks.spawn(
+                async move {
+                    broker
+                        .stream(
+                            identity,
+                            FrameWriter::new(send),
+                            FrameReader::new(recv, max_frame),
+                        )
+                        .await
+                }
+                .in_current_span(),
+            );
+        }
+    }
+
+    async fn stream(
+        self: Arc<Self>,
+        identity: Arc<str>,
+        mut writer: FrameWriter,
+        mut reader: FrameReader,
+    ) {
+        let first = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, reader.next()).await {
+            Ok(Ok(Some(frame))) => frame,
+            Ok(Err(StreamError::Decode(e))) => {
+                metrics::counter!(m::PROTOCOL_ERRORS, "code" => e.code().name()).increment(1);
+                writer.fail(e.code(), e.to_string()).await;
+                reader.stop(0);
+                return;
+            }
+            Err(_) => {
+                writer
+                    .fail(
+                        ErrorCode::UNEXPECTED_FRAME,
+                        "no frame within 10 s of opening the stream".into(),
+                    )
+                    .await;
+                return;
+            }
+            _ => return,
+        };
+        match first {
+            Frame::OpenPublish(open) => self.publish(identity, open, writer, reader).await,
+            Frame::Subscribe(sub) => self.consume(identity, sub, writer, reader).await,
+            other => {
+                writer
+                    .fail(
+                        ErrorCode::UNEXPECTED_FRAME,
+                        format!(
+                            "a stream must start with OpenPublish or Subscribe, not {}",
+                            other.name()
+                        ),
+                    )
+                    .await;
+                reader.stop(0);
+            }
+        }
+    }
+
+    // ---- control stream (§4.1) ----
+
+    async fn control(
+        self: Arc<Self>,
+        identity: Arc<str>,
+        mut writer: FrameWriter,
+        mut reader: FrameReader,
+    ) {
+        let mut shutdown = self.shutdown.subscribe();
+        loop {
+            let next = tokio::select! {
+                next = reader.next() => next,
+                _ = shutdown.changed() => return,
+            };
+            let frame = match next {
+                Ok(Some(f)) => f,
+                Ok(None) => return,
+                Err(StreamError::Decode(e)) => {
+                    metrics::counter!(m::PROTOCOL_ERRORS, "code" => e.code().name()).increment(1);
+                    writer.fail(e.code(), e.to_string()).await;
+                    return;
+                }
+                Err(_) => return,
+            };
+            let Frame::Request(request) = frame else {
+                writer
+                    .fail(
+                        ErrorCode::UNEXPECTED_FRAME,
+                        format!("expected a Request, got {}", frame.name()),
+                    )
+                    .await;
+                return;
+            };
+            let reply = match self.request(&identity, request.body).await {
+                Ok(body) => Frame::Response(proto::Response {
+                    request_id: request.request_id,
+                    body,
+                }),
+                Err(r) => Frame::Error(proto::ErrorFrame {
+                    request_id: request.request_id,
+                    code: r.code,
+                    message: r.message,
+                }),
+            };
+            if writer.write(&reply).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn request(&self, identity: &str, body: RequestBody) -> Result<ResponseBody, Refusal> {
+        match body {
+            RequestBody::CreateChannel { name } => {
+                self.authorize(identity, Right::Admin, &name)?;
+                let record = {
+                    let mut txn = self.store.begin();
+                    let (_, record) = engine::resolve_channel(txn.state(), &name, true, now_ms())?;
+                    let record = record.ok_or_else(|| {
+                        Refusal::new(
+                            ErrorCode::CHANNEL_EXISTS,
+                            format!("channel {name:?} already exists"),
+                        )
+                    })?;
+                    let (tx, rx) = oneshot::channel();
+                    txn.append(vec![record], Box::new(move |r| drop(tx.send(r))))
+                        .map_err(|e| self.storage_refusal(&e))?;
+                    rx
+                };
+                match record.await {
+                    Ok(Ok(())) => Ok(ResponseBody::Done),
+                    Ok(Err(e)) => Err(self.storage_refusal(&e)),
+                    Err(_) => Err(self.storage_refusal(&StorageError::Closed)),
+                }
+            }
+            RequestBody::DeleteChannel { name } => {
+                self.authorize(identity, Right::Admin, &name)?;
+                let id = self.channel_id(&name)?;
+                self.append(vec![Record::ChannelDeleted { channel_id: id }])
+                    .await?;
+                // Dropping the head sender ends the channel's consumer sessions.
+                self.heads.lock().expect("heads lock").remove(&id);
+                info!(channel = %name, "channel deleted");
+                Ok(ResponseBody::Done)
+            }
+            RequestBody::ListChannels { prefix } => {
+                let acl = self.acl();
+                let infos = self.store.with_state(|s| {
+                    s.channels_with_prefix(&prefix)
+                        .filter(|c| c.durable && acl.may_see(identity, &c.name))
+                        .map(channel_info)
+                        .collect()
+                });
+                Ok(ResponseBody::Channels(infos))
+            }
+            RequestBody::Status { prefix } => {
+                Ok(ResponseBody::Status(self.status(identity, &prefix)?))
+            }
+            RequestBody::LastSequence {
+                channel,
+                producer_id,
+            } => {
+                self.authorize(identity, Right::Publish, &channel)?;
+                let id = self.channel_id(&channel)?;
+                let last = self.store.with_state(|s| {
+                    s.channel(id)
+                        .and_then(|c| c.producers.get(&producer_id))
+                        .and_then(|p| p.durable.last_sequence)
+                });
+                Ok(ResponseBody::LastSequence(last))
+            }
+            RequestBody::ResetConsumer {
+                channel,
+                consumer,
+                to,
+            } => {
+                self.authorize(identity, Right::Admin, &channel)?;
+                if let Err(e) = proto::validate_identifier(&consumer) {
+                    return Err(Refusal::new(
+                        ErrorCode::INVALID_NAME,
+                        format!("invalid consumer name {consumer:?}: {e}"),
+                    ));
+                }
+                let id = self.channel_id(&channel)?;
+                if self
+                    .sessions
+                    .lock()
+                    .expect("sessions lock")
+                    .contains(&(id, consumer.clone()))
+                {
+                    return Err(Refusal::new(
+                        ErrorCode::CONSUMER_BUSY,
+                        format!("consumer {consumer:?} on {channel:?} has an active session; stop it first"),
+                    ));
+                }
+                let offset = self
+                    .store
+                    .with_state(|s| s.channel(id).map(|c| engine::start_offset(c, to)))
+                    .ok_or_else(|| {
+                        Refusal::new(ErrorCode::CHANNEL_NOT_FOUND, "the channel was deleted")
+                    })?;
+                self.append(vec![Record::CursorCommitted {
+                    channel_id: id,
+                    consumer,
+                    offset,
+                }])
+                .await?;
+                Ok(ResponseBody::Done)
+            }
+            _ => Err(Refusal::new(ErrorCode::UNEXPECTED_FRAME, "unknown request")),
+        }
+    }
+
+    fn channel_id(&self, name: &str) -> Result<u64, Refusal> {
+        self.store
+            .with_state(|s| {
+                s.channel_id(name)
+                    .filter(|id| s.channel(*id).is_some_and(|c| c.durable))
+            })
+            .ok_or_else(|| {
+                Refusal::new(
+                    ErrorCode::CHANNEL_NOT_FOUND,
+                    format!("channel {name:?} does not exist"),
+                )
+            })
+    }
+
+    fn status(&self, identity: &str, prefix: &str) -> Result<Vec<proto::ChannelStatus>, Refusal> {
+        let acl = self.acl();
+        let now = now_ms();
+        let channels: Vec<StatusRow> =
+            self.store.with_state(|s| {
+                s.channels_with_prefix(prefix)
+                    .filter(|c| c.durable && acl.may_see(identity, &c.name))
+                    .map(|c| {
+                        (
+                            channel_info(c),
+                            c.id,
+                            c.last_append_ms,
+                            c.consumers.iter().map(|(n, o)| (n.clone(), *o)).collect(),
+                        )
+                    })
+                    .collect()
+            });
+        let sessions = self.sessions.lock().expect("sessions lock").clone();
+        let mut out = Vec::with_capacity(channels.len());
+        for (info, id, last_append_ms, consumers) in channels {
+            let mut statuses = Vec::new();
+            for (name, committed) in consumers {
+                let lag_messages = info.head.saturating_sub(committed);
+                let (lag_bytes, lag_ms) = if lag_messages == 0 {
+                    (0, 0)
+                } else {
+                    let (bytes, oldest) = self
+                        .store
+                        .backlog(id, committed)
+                        .map_err(|e| self.storage_refusal(&e))?;
+                    (bytes, oldest.map_or(0, |t| now.saturating_sub(t)))
+                };
+                statuses.push(proto::ConsumerStatus {
+                    active: sessions.contains(&(id, name.clone())),
+                    name,
+                    committed,
+                    lag_messages,
+                    lag_bytes,
+                    lag_ms,
+                });
+            }
+            out.push(proto::ChannelStatus {
+                channel: info,
+                last_append_ms,
+                consumers: statuses,
+            });
+        }
+        Ok(out)
+    }
+
+    // ---- publish stream (§4.2) ----
+
+    async fn publish(
+        self: Arc<Self>,
+        identity: Arc<str>,
+        open: proto::OpenPublish,
+        mut writer: FrameWriter,
+        mut reader: FrameReader,
+    ) {
+        let opened = self.open_publish(&identity, &open);
+        let channel_id = match opened {
+            Ok((channel_id, last_sequence)) => {
+                let reply = Frame::PublishOpened(proto::PublishOpened { last_sequence });
+                if writer.write(&reply).await.is_err() {
+                    return;
+                }
+                channel_id
+            }
+            Err(r) => {
+                metrics::counter!(m::PUBLISH_ERRORS, "code" => r.code.name()).increment(1);
+                writer.fail(r.code, r.message).await;
+                reader.stop(0);
+                return;
+            }
+        };
+        let (acks, pending) = mpsc::channel(ACKS_IN_FLIGHT);
+        let acker = tokio::spawn(write_acks(writer, pending).in_current_span());
+        let heads = self.head_sender(channel_id);
+        let mut shutdown = self.shutdown.subscribe();
+        loop {
+            let frame = tokio::select! {
+                f = reader.next() => f,
+                _ = shutdown.changed() => {
+                    let _ = acks.send(Ack::Refused(0, Refusal::new(ErrorCode::SHUTTING_DOWN, "the broker is shutting down; retry"))).await;
+                    break;
+                }
+            };
+            let batch = match frame {
+                Ok(Some(Frame::PublishBatch(batch))) => batch,
+                Ok(None) => break,
+                Ok(Some(other)) => {
+                    let r = Refusal::new(
+                        ErrorCode::UNEXPECTED_FRAME,
+                        format!("expected PublishBatch, got {}", other.name()),
+                    );
+                    let _ = acks.send(Ack::Refused(0, r)).await;
+                    break;
+                }
+                Err(StreamError::Decode(e)) => {
+                    metrics::counter!(m::PROTOCOL_ERRORS, "code" => e.code().name()).increment(1);
+                    let _ = acks
+                        .send(Ack::Refused(0, Refusal::new(e.code(), e.to_string())))
+                        .await;
+                    break;
+                }
+                Err(_) => break,
+            };
+            let batch_id = batch.batch_id;
+            match self
+                .plan_batch(channel_id, &open.producer_id, batch, &heads)
+                .await
+            {
+                Ok(ack) => {
+                    if acks.send(ack).await.is_err() {
+                        break;
+                    }
+                }
+                Err(r) => {
+                    metrics::counter!(m::PUBLISH_ERRORS, "code" => r.code.name()).increment(1);
+                    // Nothing after a refused batch is processed on this stream (§4.2).
+                    let _ = acks.send(Ack::Refused(batch_id, r)).await;
+                    break;
+                }
+            }
+        }
+        drop(acks);
+        reader.stop(0);
+        let _ = acker.await;
+    }
+
+    fn open_publish(
+        &self,
+        identity: &str,
+        open: &proto::OpenPublish,
+    ) -> Result<(u64, Option<u64>), Refusal> {
+        if let Err(e) = proto::validate_channel_name(&open.channel) {
+            return Err(Refusal::new(
+                ErrorCode::INVALID_CHANNEL_NAME,
+                format!("invalid channel name {:?}: {e}", open.channel),
+            ));
+        }
+        self.authorize(identity, Right::Publish, &open.channel)?;
+        if let Err(e) = proto::validate_identifier(&open.producer_id) {
+            return Err(Refusal::new(
+                ErrorCode::INVALID_NAME,
+                format!("invalid producer id {:?}: {e}", open.producer_id),
+            ));
+        }
+        let create = open.create && self.config.auto_create_channels;
+        let mut txn = self.store.begin();
+        let (id, record) = engine::resolve_channel(txn.state(), &open.channel, create, now_ms())?;
+        let last = txn
+            .state()
+            .channel(id)
+            .and_then(|c| c.producers.get(&open.producer_id))
+            .and_then(|p| p.durable.last_sequence);
+        if let Some(record) = record {
+            info!(channel = %open.channel, "channel created on first publish");
+            // The batches that follow are queued behind it, so they are durable after it.
+            txn.append(vec![record], Box::new(|_| {}))
+                .map_err(|e| self.storage_refusal(&e))?;
+        }
+        Ok((id, last))
+    }
+
+    async fn plan_batch(
+        &self,
+        channel_id: u64,
+        producer_id: &str,
+        batch: proto::PublishBatch,
+        heads: &watch::Sender<u64>,
+    ) -> Result<Ack, Refusal> {
+        let max = self.config.max_message_bytes;
+        if let Some((i, m)) = batch
+            .messages
+            .iter()
+            .enumerate()
+            .find(|(_, m)| m.payload.len() as u64 > max)
+        {
+            return Err(Refusal::new(
+                ErrorCode::MESSAGE_TOO_LARGE,
+                format!(
+                    "message {i} of the batch has {} bytes; max_message_bytes is {max}",
+                    m.payload.len()
+                ),
+            ));
+        }
+        let count = batch.messages.len() as u64;
+        let bytes: u64 = batch.messages.iter().map(|m| m.payload.len() as u64).sum();
+        let incoming: Vec<Incoming> = batch
+            .messages
+            .into_iter()
+            .map(|m| Incoming {
+                sequence: m.sequence,
+                message: StoredMessage {
+                    headers: m.headers,
+                    payload: m.payload,
+                },
+            })
+            .collect();
+        loop {
+            let (tx, rx) = oneshot::channel();
+            let decision = {
+                let mut txn = self.store.begin();
+                let decision = engine::plan_publish(
+                    txn.state(),
+                    channel_id,
+                    producer_id,
+                    incoming.clone(),
+                    now_ms(),
+                )?;
+                if let PublishDecision::Append {
+                    record,
+                    first_offset,
+                    appended,
+                    ..
+                } = &decision
+                {
+                    let end = first_offset + u64::from(*appended);
+                    let heads = heads.clone();
+                    let done: directmq_storage::Done = Box::new(move |r| {
+                        if r.is_ok() {
+                            heads.send_if_modified(|h| {
+                                let moved = end > *h;
+                                *h = (*h).max(end);
+                                moved
+                            });
+                        }
+                        let _ = tx.send(r);
+                    });
+                    // No record: a barrier, acked once what is queued before is durable.
+                    txn.append(record.iter().cloned().collect(), done)
+                        .map_err(|e| self.storage_refusal(&e))?;
+                } else {
+                    // A retry of messages still waiting for their fsync.
+                    txn.append(Vec::new(), Box::new(move |r| drop(tx.send(r))))
+                        .map_err(|e| self.storage_refusal(&e))?;
+                }
+                decision
+            };
+            match decision {
+                PublishDecision::Append {
+                    first_offset,
+                    appended,
+                    duplicates,
+                    ..
+                } => {
+                    metrics::counter!(m::PUBLISHED_MESSAGES).increment(u64::from(appended));
+                    metrics::counter!(m::PUBLISHED_BYTES).increment(bytes);
+                    metrics::counter!(m::DUPLICATES).increment(count - u64::from(appended));
+                    return Ok(Ack::Pending {
+                        ack: proto::PublishAck {
+                            batch_id: batch.batch_id,
+                            first_offset,
+                            appended,
+                            duplicates: duplicates
+                                .into_iter()
+                                .map(|(index, offset)| proto::DuplicateAck { index, offset })
+                                .collect(),
+                        },
+                        durable: rx,
+                    });
+                }
+                PublishDecision::WaitForInFlight => match rx.await {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(e)) => return Err(self.storage_refusal(&e)),
+                    Err(_) => return Err(self.storage_refusal(&StorageError::Closed)),
+                },
+            }
+        }
+    }
+
+    // ---- consume stream (§4.3) ----
+
+    async fn consume(
+        self: Arc<Self>,
+        identity: Arc<str>,
+        sub: proto::Subscribe,
+        mut writer: FrameWriter,
+        mut reader: FrameReader,
+    ) {
+        let session = match self.open_session(&identity, &sub).await {
+            Ok(s) => s,
+            Err(r) => {
+                writer.fail(r.code, r.message).await;
+                reader.stop(0);
+                return;
+            }
+        };
+        let Session {
+            channel_id,
+            next,
+            head,
+            _lease,
+        } = session;
+        let mut next = next;
+        let mut heads = self.head_sender(channel_id).subscribe();
+        let head = (*heads.borrow()).max(head);
+        if writer
+            .write(&Frame::Subscribed(proto::Subscribed {
+                next_offset: next,
+                head,
+            }))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let mut credit_messages = u64::from(sub.credit_messages);
+        let mut credit_bytes = sub.credit_bytes;
+        let (frames_tx, mut frames) = mpsc::channel(64);
+        let read_task = tokio::spawn(async move {
+            loop {
+                let item = reader.next().await;
+                let stop = !matches!(item, Ok(Some(_)));
+                if frames_tx.send(item).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        let (commits_tx, mut commits) = mpsc::unbounded_channel::<Result<u64, Refusal>>();
+        let mut shutdown = self.shutdown.subscribe();
+        loop {
+            let head_now = *heads.borrow_and_update();
+            let deliverable = credit_messages > 0 && credit_bytes > 0 && next < head_now;
+            if deliverable {
+                let store = self.store.clone();
+                let max_messages = (credit_messages as usize).min(DELIVER_MESSAGES);
+                let max_bytes = credit_bytes.min(DELIVER_BYTES);
+                let read = tokio::task::spawn_blocking(move || {
+                    store.read(channel_id, next, max_messages, max_bytes)
+                })
+                .await;
+                let messages = match read {
+                    Ok(Ok(messages)) => messages,
+                    Ok(Err(e)) => {
+                        warn!(error = %e, channel_id, offset = next, "read failed; ending the session");
+                        writer
+                            .fail(
+                                ErrorCode::STORAGE_ERROR,
+                                format!("the broker could not read offset {next}: {e}"),
+                            )
+                            .await;
+                        break;
+                    }
+                    Err(_) => break,
+                };
+                let messages: Vec<_> = messages
+                    .into_iter()
+                    .filter(|m| m.offset < head_now)
+                    .collect();
+                if let Some(last) = messages.last() {
+                    let bytes: u64 = messages.iter().map(|m| m.payload.len() as u64).sum();
+                    next = last.offset + 1;
+                    credit_messages -= messages.len() as u64;
+                    credit_bytes = credit_bytes.saturating_sub(bytes);
+                    metrics::counter!(m::DELIVERED_MESSAGES).increment(messages.len() as u64);
+                    metrics::counter!(m::DELIVERED_BYTES).increment(bytes);
+                    let frame = Frame::Deliver(proto::Deliver {
+                        messages: messages
+                            .into_iter()
+                            .map(|m| proto::DeliveredMessage {
+                                offset: m.offset,
+                                timestamp_ms: m.timestamp_ms,
+                                headers: m.headers,
+                                payload: m.payload,
+                            })
+                            .collect(),
+                    });
+                    if writer.write(&frame).await.is_err() {
+                        break;
+                    }
+                } else {
+                    // The head moved but the index has nothing yet at `next`: retention
+                    // moved the start, or the channel is gone.
+                    let first = self
+                        .store
+                        .with_state(|s| s.channel(channel_id).map(|c| c.first_offset));
+                    match first {
+                        Some(first) if first > next => next = first,
+                        Some(_) => {
+                            warn!(channel_id, offset = next, "no batch at a durable offset");
+                            writer
+                                .fail(
+                                    ErrorCode::STORAGE_ERROR,
+                                    format!("offset {next} is missing from the log"),
+                                )
+                                .await;
+                            break;
+                        }
+                        None => {
+                            writer
+                                .fail(
+                                    ErrorCode::CHANNEL_NOT_FOUND,
+                                    "the channel was deleted".into(),
+                                )
+                                .await;
+                            break;
+                        }
+                    }
+                }
+            }
+            // Handle what arrived; wait only when there is nothing to deliver.
+            tokio::select! {
+                biased;
+                frame = frames.recv() => match frame {
+                    Some(Ok(Some(Frame::Credit(c)))) => {
+                        credit_messages = credit_messages.saturating_add(u64::from(c.messages));
+                        credit_bytes = credit_bytes.saturating_add(c.bytes);
+                    }
+                    Some(Ok(Some(Frame::Commit(c)))) => {
+                        self.commit(channel_id, &sub.consumer, c.offset, commits_tx.clone());
+                    }
+                    Some(Ok(Some(other))) => {
+                        writer.fail(ErrorCode::UNEXPECTED_FRAME, format!("expected Credit or Commit, got {}", other.name())).await;
+                        break;
+                    }
+                    Some(Err(StreamError::Decode(e))) => {
+                        metrics::counter!(m::PROTOCOL_ERRORS, "code" => e.code().name()).increment(1);
+                        writer.fail(e.code(), e.to_string()).await;
+                        break;
+                    }
+                    _ => break,
+                },
+                Some(result) = commits.recv() => {
+                    let frame = match result {
+                        Ok(offset) => Frame::CommitOk(proto::CommitOk { offset }),
+                        Err(r) => Frame::Error(proto::ErrorFrame { request_id: 0, code: r.code, message: r.message }),
+                    };
+                    if writer.write(&frame).await.is_err() {
+                        break;
+                    }
+                }
+                changed = heads.changed(), if !deliverable => {
+                    if changed.is_err() {
+                        writer.fail(ErrorCode::CHANNEL_NOT_FOUND, "the channel was deleted".into()).await;
+                        break;
+                    }
+                }
+                _ = shutdown.changed() => {
+                    writer.fail(ErrorCode::SHUTTING_DOWN, "the broker is shutting down; reconnect".into()).await;
+                    break;
+                }
+                else => break,
+            }
+            if deliverable {
+                tokio::task::yield_now().await;
+            }
+        }
+        read_task.abort();
+    }
+
+    async fn open_session(
+        self: &Arc<Self>,
+        identity: &str,
+        sub: &proto::Subscribe,
+    ) -> Result<Session, Refusal> {
+        self.authorize(identity, Right::Consume, &sub.channel)?;
+        let channel_id = self.channel_id(&sub.channel)?;
+        let lease = Lease::take(self, channel_id, &sub.consumer).ok_or_else(|| {
+            Refusal::new(
+                ErrorCode::CONSUMER_BUSY,
+                format!(
+                    "consumer {:?} on channel {:?} already has an active session; only one may read at a time",
+                    sub.consumer, sub.channel
+                ),
+            )
+        })?;
+        let (next, record, head) = {
+            let state_result = self.store.with_state(|s| {
+                let c = s.channel(channel_id).ok_or_else(|| {
+                    Refusal::new(ErrorCode::CHANNEL_NOT_FOUND, "the channel was deleted")
+                })?;
+                let (next, record) = engine::plan_subscribe(c, &sub.consumer, sub.start)?;
+                Ok::<_, Refusal>((next, record, c.next_offset))
+            });
+            state_result?
+        };
+        if let Some(record) = record {
+            // The consumer exists (and holds back retention) once this is durable.
+            self.append(vec![record]).await?;
+        }
+        Ok(Session {
+            channel_id,
+            next,
+            head,
+            _lease: lease,
+        })
+    }
+
+    fn commit(
+        &self,
+        channel_id: u64,
+        consumer: &str,
+        offset: u64,
+        reply: mpsc::UnboundedSender<Result<u64, Refusal>>,
+    ) {
+        let mut txn = self.store.begin();
+        let planned = match txn.state().channel(channel_id) {
+            Some(c) => engine::plan_commit(c, consumer, offset),
+            None => Err(Refusal::new(
+                ErrorCode::CHANNEL_NOT_FOUND,
+                "the channel was deleted",
+            )),
+        };
+        match planned {
+            Ok(Some(record)) => {
+                let reply2 = reply.clone();
+                let refusal = |e: &StorageError| match e {
+                    StorageError::Closed => {
+                        Refusal::new(ErrorCode::SHUTTING_DOWN, "the broker is shutting down")
+                    }
+                    e => Refusal::new(
+                        ErrorCode::STORAGE_ERROR,
+                        format!("the commit could not be stored: {e}"),
+                    ),
+                };
+                let result = txn.append(
+                    vec![record],
+                    Box::new(move |r| {
+                        let _ = reply2.send(r.map(|()| offset).map_err(|e| refusal(&e)));
+                    }),
+                );
+                if let Err(e) = result {
+                    let _ = reply.send(Err(refusal(&e)));
+                }
+            }
+            Ok(None) => {
+                let _ = reply.send(Ok(offset));
+            }
+            Err(r) => {
+                let _ = reply.send(Err(r));
+            }
+        }
+    }
+}
+
+/// A channel's info, id, last append time and consumer positions, taken under the lock.
+type StatusRow = (proto::ChannelInfo, u64, u64, Vec<(String, u64)>);
+
+struct Session {
+    channel_id: u64,
+    next: u64,
+    head: u64,
+    _lease: Lease,
+}
+
+/// The exclusive right of one session to read a (channel, consumer); released on drop,
+/// that is when the session ends for any reason, including a dead connection.
+struct Lease {
+    broker: Arc<Broker>,
+    key: (u64, String),
+}
+
+impl Lease {
+    fn take(broker: &Arc<Broker>, channel_id: u64, consumer: &str) -> Option<Lease> {
+        let key = (channel_id, consumer.to_owned());
+        if !broker
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .insert(key.clone())
+        {
+            return None;
+        }
+        Some(Lease {
+            broker: broker.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.broker
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .remove(&self.key);
+    }
+}
+
+fn channel_info(c: &directmq_storage::Channel) -> proto::ChannelInfo {
+    proto::ChannelInfo {
+        name: c.name.clone(),
+        head: c.next_offset,
+        first: c.first_offset,
+        bytes: c.retained_bytes,
+        created_ms: c.created_ms,
+    }
+}
+
+enum Ack {
+    Pending {
+        ack: proto::PublishAck,
+        durable: oneshot::Receiver<Result<(), Arc<StorageError>>>,
+    },
+    Refused(u64, Refusal),
+}
+
+/// Writes acks in batch order, each once its batch is durable. After the first failure the
+/// stream is finished: nothing later on it was processed.
+async fn write_acks(mut writer: FrameWriter, mut pending: mpsc::Receiver<Ack>) {
+    while let Some(ack) = pending.recv().await {
+        let frame = match ack {
+            Ack::Pending { ack, durable } => match durable.await {
+                Ok(Ok(())) => Frame::PublishAck(ack),
+                Ok(Err(e)) => {
+                    let (code, message) = if e.is_full() {
+                        (
+                            ErrorCode::STORAGE_FULL,
+                            "the broker's storage is full; nothing was stored, retry later"
+                                .to_owned(),
+                        )
+                    } else if matches!(*e, StorageError::Closed) {
+                        (
+                            ErrorCode::SHUTTING_DOWN,
+                            "the broker is shutting down; retry".to_owned(),
+                        )
+                    } else {
+                        (
+                            ErrorCode::STORAGE_ERROR,
+                            format!("the broker could not store the batch: {e}"),
+                        )
+                    };
+                    writer
+                        .write(&Frame::Error(proto::ErrorFrame {
+                            request_id: ack.batch_id,
+                            code,
+                            message,
+                        }))
+                        .await
+                        .ok();
+                    writer.finish();
+                    return;
+                }
+                Err(_) => return,
+            },
+            Ack::Refused(batch_id, r) => {
+                writer
+                    .write(&Frame::Error(proto::ErrorFrame {
+                        request_id: batch_id,
+                        code: r.code,
+                        message: r.message,
+                    }))
+                    .await
+                    .ok();
+                writer.finish();
+                return;
+            }
+        };
+        if writer.write(&frame).await.is_err() {
+            return;
+        }
+    }
+    writer.finish();
+}
+
+/// Gives an error frame a moment to leave before the connection closes.
+async fn close_after_flush(connection: &quinn::Connection, code: ErrorCode) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), connection.closed()).await;
+    connection.close(
+        quinn::VarInt::from_u32(u32::from(code.0)),
+        code.description().as_bytes(),
+    );
+}

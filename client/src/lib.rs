@@ -1,0 +1,491 @@
+//! The DirectMQ client library that producer and consumer agents embed.
+//!
+//! It speaks `directmq-protocol` over QUIC with mutual TLS and depends on nothing of the
+//! broker or its storage. A [`Client`] holds one connection and re-establishes it when it
+//! dies; [`Producer`]s and [`Consumer`]s resume by themselves after a reconnect: a producer
+//! re-sends unacknowledged batches with the same sequence numbers (the broker appends each
+//! sequence once), a consumer resubscribes and continues after its last commit.
+//!
+//! ```no_run
+//! use directmq_client::{Client, ClientConfig, StartPosition};
+//!
+//! # async fn run() -> Result<(), directmq_client::Error> {
+//! let config = ClientConfig::from_certs_dir("127.0.0.1:7070", "./directmq-data/certs".as_ref())?;
+//! let client = Client::connect(config).await?;
+//!
+//! let producer = client.producer("dc-a/db1/s1", "agent-1").await?;
+//! let receipt = producer.send("change #1").await?;
+//! println!("stored at offset {:?}", receipt.offset);
+//!
+//! let mut consumer = client.consumer("dc-a/db1/s1", "dc-b", StartPosition::Earliest).await?;
+//! if let Some(message) = consumer.next().await {
+//!     let message = message?;
+//!     consumer.commit(message.offset + 1).await?;
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+#![forbid(unsafe_code)]
+
+mod consumer;
+pub mod net;
+mod producer;
+pub mod wire;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use directmq_protocol::{self as proto, ErrorCode, Frame, RequestBody, ResponseBody};
+use tokio::sync::Mutex;
+
+pub use consumer::{Consumer, Message};
+pub use directmq_protocol::{ChannelInfo, ChannelStatus, ConsumerStatus, StartPosition};
+pub use producer::{PendingAck, Producer, ProducerOptions, Receipt};
+pub use wire::{FrameReader, FrameWriter, StreamError};
+
+/// What can go wrong for a client.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("the broker refused the request: {message} [{code}]")]
+    Broker { code: ErrorCode, message: String },
+    #[error("could not load certificates from {path}: {reason}")]
+    Certificates { path: PathBuf, reason: String },
+    #[error("invalid broker address {addr:?}: {reason}")]
+    Address { addr: String, reason: String },
+    #[error("could not reach the broker at {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("the connection to the broker was lost: {0}")]
+    Connection(String),
+    #[error("the broker broke the protocol: {0}")]
+    Protocol(String),
+    #[error("the message of {size} bytes is larger than the broker's limit of {max} bytes")]
+    MessageTooLarge { size: u64, max: u64 },
+    #[error("the client is closed")]
+    Closed,
+}
+
+impl Error {
+    /// The broker's error code, if the broker refused something.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Error::Broker { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    fn from_frame(e: proto::ErrorFrame) -> Error {
+        Error::Broker {
+            code: e.code,
+            message: e.message,
+        }
+    }
+
+    /// Whether the operation may succeed when retried after a reconnect.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Connection(_) | Error::Connect { .. } => true,
+            Error::Broker { code, .. } => {
+                matches!(*code, ErrorCode::SHUTTING_DOWN | ErrorCode::STORAGE_FULL)
+            }
+            _ => false,
+        }
+    }
+}
+
+impl From<StreamError> for Error {
+    fn from(e: StreamError) -> Error {
+        match e {
+            StreamError::Decode(d) => Error::Protocol(d.to_string()),
+            other => Error::Connection(other.to_string()),
+        }
+    }
+}
+
+impl From<quinn::ConnectionError> for Error {
+    fn from(e: quinn::ConnectionError) -> Error {
+        Error::Connection(e.to_string())
+    }
+}
+
+/// How to reach and authenticate to a broker.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `host:port` of the broker.
+    pub broker: String,
+    /// TLS name to verify; defaults to the host part of `broker`.
+    pub server_name: Option<String>,
+    pub tls: Arc<rustls::ClientConfig>,
+    /// Name sent in the hello, for the broker's logs.
+    pub client_name: String,
+    pub net: net::NetOptions,
+    /// How long one connection attempt may take.
+    pub connect_timeout: Duration,
+    /// Stop reconnecting after this long without success (`None`: never give up).
+    pub reconnect_for: Option<Duration>,
+}
+
+impl ClientConfig {
+    /// A config using `ca.pem`, `client.pem` and `client.key` from `certs_dir`.
+    pub fn from_certs_dir(broker: &str, certs_dir: &Path) -> Result<ClientConfig, Error> {
+        Ok(ClientConfig {
+            broker: broker.to_owned(),
+            server_name: None,
+            tls: Arc::new(net::client_tls(certs_dir)?),
+            client_name: format!("directmq-client/{}", env!("CARGO_PKG_VERSION")),
+            net: net::NetOptions::default(),
+            connect_timeout: Duration::from_secs(10),
+            reconnect_for: None,
+        })
+    }
+
+    fn server_name(&self) -> String {
+        if let Some(name) = &self.server_name {
+            return name.clone();
+        }
+        let host = match self.broker.rsplit_once(':') {
+            Some((host, _)) => host,
+            None => &self.broker,
+        };
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned()
+    }
+
+    fn resolve(&self) -> Result<SocketAddr, Error> {
+        self.broker
+            .to_socket_addrs()
+            .map_err(|e| Error::Address {
+                addr: self.broker.clone(),
+                reason: e.to_string(),
+            })?
+            .next()
+            .ok_or_else(|| Error::Address {
+                addr: self.broker.clone(),
+                reason: "the name resolves to no address".into(),
+            })
+    }
+}
+
+/// One live connection and its control stream.
+struct Conn {
+    connection: quinn::Connection,
+    control: Mutex<(FrameWriter, FrameReader)>,
+    hello: proto::HelloOk,
+    generation: u64,
+}
+
+struct Inner {
+    config: ClientConfig,
+    endpoint: quinn::Endpoint,
+    conn: Mutex<Option<Arc<Conn>>>,
+    generation: AtomicU64,
+    next_request: AtomicU64,
+}
+
+/// A connection to a broker that reconnects when needed. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("broker", &self.inner.config.broker)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Connects and completes the hello; fails if the broker cannot be reached within
+    /// `connect_timeout`.
+    pub async fn connect(config: ClientConfig) -> Result<Client, Error> {
+        let addr = config.resolve()?;
+        let bind: SocketAddr = if addr.is_ipv6() {
+            "[::]:0".parse().expect("literal")
+        } else {
+            "0.0.0.0:0".parse().expect("literal")
+        };
+        let socket =
+            net::udp_socket(bind, config.net.socket_buffer_bytes).map_err(|e| Error::Connect {
+                addr: config.broker.clone(),
+                reason: e.to_string(),
+            })?;
+        let endpoint = net::endpoint(socket, None).map_err(|e| Error::Connect {
+            addr: config.broker.clone(),
+            reason: e.to_string(),
+        })?;
+        let client = Client {
+            inner: Arc::new(Inner {
+                config,
+                endpoint,
+                conn: Mutex::new(None),
+                generation: AtomicU64::new(0),
+                next_request: AtomicU64::new(1),
+            }),
+        };
+        client.connection().await?;
+        Ok(client)
+    }
+
+    /// The broker's limits and the identity it authenticated, from the last hello.
+    pub async fn hello(&self) -> Result<proto::HelloOk, Error> {
+        Ok(self.connection().await?.hello.clone())
+    }
+
+    async fn dial(&self) -> Result<Conn, Error> {
+        let config = &self.inner.config;
+        let addr = config.resolve()?;
+        let connect_err = |reason: String| Error::Connect {
+            addr: config.broker.clone(),
+            reason,
+        };
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(config.tls.clone())
+            .map_err(|e| connect_err(e.to_string()))?;
+        let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
+        client_config.transport_config(config.net.transport());
+        let connecting = self
+            .inner
+            .endpoint
+            .connect_with(client_config, addr, &config.server_name())
+            .map_err(|e| connect_err(e.to_string()))?;
+        let connection = tokio::time::timeout(config.connect_timeout, connecting)
+            .await
+            .map_err(|_| connect_err("timed out".into()))?
+            .map_err(|e| connect_err(e.to_string()))?;
+        let (send, recv) = connection
+            .open_bi()
+            .await
+            .map_err(|e| connect_err(e.to_string()))?;
+        let mut writer = FrameWriter::new(send);
+        let mut reader = FrameReader::new(
+            recv,
+            proto::max_frame_bytes(proto::DEFAULT_MAX_MESSAGE_BYTES),
+        );
+        writer
+            .write(&Frame::Hello(proto::Hello {
+                version: proto::PROTOCOL_VERSION,
+                client: config.client_name.clone(),
+            }))
+            .await?;
+        let hello = match tokio::time::timeout(config.connect_timeout, reader.next()).await {
+            Err(_) => return Err(connect_err("no hello from the broker".into())),
+            Ok(Ok(Some(Frame::HelloOk(h)))) => h,
+            Ok(Ok(Some(Frame::Error(e)))) => return Err(Error::from_frame(e)),
+            Ok(Ok(Some(other))) => {
+                return Err(Error::Protocol(format!(
+                    "expected HelloOk, got {}",
+                    other.name()
+                )))
+            }
+            Ok(Ok(None)) => return Err(connect_err("the broker closed the connection".into())),
+            Ok(Err(e)) => {
+                // A handshake refusal (bad certificate) surfaces as the connection's reason.
+                return Err(match connection.close_reason() {
+                    Some(reason) => connect_err(reason.to_string()),
+                    None => e.into(),
+                });
+            }
+        };
+        reader.set_max_frame_bytes(hello.max_frame_bytes);
+        Ok(Conn {
+            connection,
+            control: Mutex::new((writer, reader)),
+            hello,
+            generation: self.inner.generation.fetch_add(1, Ordering::Relaxed) + 1,
+        })
+    }
+
+    /// The live connection, reconnecting with backoff if the last one died.
+    async fn connection(&self) -> Result<Arc<Conn>, Error> {
+        let mut slot = self.inner.conn.lock().await;
+        if let Some(conn) = slot.as_ref() {
+            if conn.connection.close_reason().is_none() {
+                return Ok(conn.clone());
+            }
+        }
+        let started = tokio::time::Instant::now();
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            match self.dial().await {
+                Ok(conn) => {
+                    let conn = Arc::new(conn);
+                    *slot = Some(conn.clone());
+                    return Ok(conn);
+                }
+                Err(e) if slot.is_none() && self.inner.generation.load(Ordering::Relaxed) == 0 => {
+                    // The very first connection: report at once instead of retrying forever.
+                    return Err(e);
+                }
+                Err(e) => {
+                    let give_up = self
+                        .inner
+                        .config
+                        .reconnect_for
+                        .is_some_and(|limit| started.elapsed() >= limit);
+                    if give_up || !e.is_transient() {
+                        return Err(e);
+                    }
+                    tracing::debug!(error = %e, "reconnecting");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// Opens a stream on the live connection, reconnecting if needed; returns the
+    /// connection generation so callers can tell a new connection from the old one.
+    pub(crate) async fn open_stream(&self) -> Result<(FrameWriter, FrameReader, u64, u64), Error> {
+        let conn = self.connection().await?;
+        match conn.connection.open_bi().await {
+            Ok((send, recv)) => Ok((
+                FrameWriter::new(send),
+                FrameReader::new(recv, conn.hello.max_frame_bytes),
+                conn.generation,
+                conn.hello.max_message_bytes,
+            )),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn request(&self, body: RequestBody) -> Result<ResponseBody, Error> {
+        let conn = self.connection().await?;
+        let request_id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
+        let mut control = conn.control.lock().await;
+        let (writer, reader) = &mut *control;
+        writer
+            .write(&Frame::Request(proto::Request { request_id, body }))
+            .await?;
+        match reader.next().await? {
+            Some(Frame::Response(r)) if r.request_id == request_id => Ok(r.body),
+            Some(Frame::Error(e)) => Err(Error::from_frame(e)),
+            Some(other) => Err(Error::Protocol(format!(
+                "unexpected {} on the control stream",
+                other.name()
+            ))),
+            None => Err(Error::Connection(
+                "the broker closed the control stream".into(),
+            )),
+        }
+    }
+
+    /// Creates a channel (channels are also created on first publish).
+    pub async fn create_channel(&self, name: &str) -> Result<(), Error> {
+        self.request(RequestBody::CreateChannel { name: name.into() })
+            .await
+            .map(drop)
+    }
+
+    /// Deletes a channel and every message in it.
+    pub async fn delete_channel(&self, name: &str) -> Result<(), Error> {
+        self.request(RequestBody::DeleteChannel { name: name.into() })
+            .await
+            .map(drop)
+    }
+
+    /// Channels whose names start with `prefix`.
+    pub async fn list_channels(&self, prefix: &str) -> Result<Vec<ChannelInfo>, Error> {
+        match self
+            .request(RequestBody::ListChannels {
+                prefix: prefix.into(),
+            })
+            .await?
+        {
+            ResponseBody::Channels(c) => Ok(c),
+            other => Err(Error::Protocol(format!("unexpected response {other:?}"))),
+        }
+    }
+
+    /// Channels under `prefix` with their consumers and lag.
+    pub async fn status(&self, prefix: &str) -> Result<Vec<ChannelStatus>, Error> {
+        match self
+            .request(RequestBody::Status {
+                prefix: prefix.into(),
+            })
+            .await?
+        {
+            ResponseBody::Status(s) => Ok(s),
+            other => Err(Error::Protocol(format!("unexpected response {other:?}"))),
+        }
+    }
+
+    /// The last sequence the broker appended for `producer_id` on `channel`.
+    pub async fn last_sequence(
+        &self,
+        channel: &str,
+        producer_id: &str,
+    ) -> Result<Option<u64>, Error> {
+        match self
+            .request(RequestBody::LastSequence {
+                channel: channel.into(),
+                producer_id: producer_id.into(),
+            })
+            .await?
+        {
+            ResponseBody::LastSequence(s) => Ok(s),
+            other => Err(Error::Protocol(format!("unexpected response {other:?}"))),
+        }
+    }
+
+    /// Moves a durable consumer (creating it if needed).
+    pub async fn reset_consumer(
+        &self,
+        channel: &str,
+        consumer: &str,
+        to: StartPosition,
+    ) -> Result<(), Error> {
+        self.request(RequestBody::ResetConsumer {
+            channel: channel.into(),
+            consumer: consumer.into(),
+            to,
+        })
+        .await
+        .map(drop)
+    }
+
+    /// A producer publishing to `channel` as `producer_id`, with default options.
+    pub async fn producer(&self, channel: &str, producer_id: &str) -> Result<Producer, Error> {
+        Producer::open(
+            self.clone(),
+            channel,
+            producer_id,
+            ProducerOptions::default(),
+        )
+        .await
+    }
+
+    /// A producer with explicit options.
+    pub async fn producer_with(
+        &self,
+        channel: &str,
+        producer_id: &str,
+        options: ProducerOptions,
+    ) -> Result<Producer, Error> {
+        Producer::open(self.clone(), channel, producer_id, options).await
+    }
+
+    /// A session of the durable consumer `name` on `channel`. `start` applies only if the
+    /// consumer does not exist yet.
+    pub async fn consumer(
+        &self,
+        channel: &str,
+        name: &str,
+        start: StartPosition,
+    ) -> Result<Consumer, Error> {
+        Consumer::open(self.clone(), channel, name, start).await
+    }
+
+    /// Closes the connection; open producers and consumers fail.
+    pub async fn close(&self) {
+        if let Some(conn) = self.inner.conn.lock().await.take() {
+            conn.connection.close(0u32.into(), b"client closed");
+        }
+        self.inner.endpoint.wait_idle().await;
+    }
+}

@@ -1,0 +1,142 @@
+//! QUIC and TLS setup shared by the client and the broker (FACTS.md: 4 MiB socket buffers,
+//! a 1 ms ACK delay, windows sized to the bandwidth-delay product).
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Transport tuning shared by both ends.
+#[derive(Debug, Clone)]
+pub struct NetOptions {
+    /// UDP socket send and receive buffers.
+    pub socket_buffer_bytes: usize,
+    /// Per-stream receive window.
+    pub stream_window_bytes: u64,
+    /// Per-connection receive window.
+    pub connection_window_bytes: u64,
+    /// Send window per connection.
+    pub send_window_bytes: u64,
+    /// Streams the peer may open at once (one per channel published or consumed).
+    pub max_streams: u32,
+    /// A connection with no traffic for this long is closed (keep-alives run at a third).
+    pub idle_timeout: Duration,
+}
+
+impl Default for NetOptions {
+    fn default() -> Self {
+        NetOptions {
+            socket_buffer_bytes: 4 * 1024 * 1024,
+            stream_window_bytes: 16 * 1024 * 1024,
+            connection_window_bytes: 64 * 1024 * 1024,
+            send_window_bytes: 64 * 1024 * 1024,
+            max_streams: 20_000,
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl NetOptions {
+    pub fn transport(&self) -> Arc<quinn::TransportConfig> {
+        let mut t = quinn::TransportConfig::default();
+        t.stream_receive_window(vint(self.stream_window_bytes))
+            .receive_window(vint(self.connection_window_bytes))
+            .send_window(self.send_window_bytes)
+            .max_concurrent_bidi_streams(self.max_streams.into())
+            .max_concurrent_uni_streams(0u32.into())
+            .keep_alive_interval(Some(self.idle_timeout / 3))
+            .max_idle_timeout(self.idle_timeout.try_into().ok());
+        let mut ack = quinn::AckFrequencyConfig::default();
+        ack.max_ack_delay(Some(Duration::from_millis(1)));
+        t.ack_frequency_config(Some(ack));
+        Arc::new(t)
+    }
+}
+
+fn vint(v: u64) -> quinn::VarInt {
+    quinn::VarInt::from_u64(v.min((1 << 62) - 1)).expect("bounded above")
+}
+
+/// Binds a UDP socket with large buffers (the kernel may cap them at `rmem_max`).
+pub fn udp_socket(addr: SocketAddr, buffer_bytes: usize) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(false);
+    }
+    let _ = socket.set_recv_buffer_size(buffer_bytes);
+    let _ = socket.set_send_buffer_size(buffer_bytes);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// A QUIC endpoint on `socket`, optionally accepting connections.
+pub fn endpoint(
+    socket: UdpSocket,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
+/// The crypto provider both ends use (ring, TLS 1.3 only).
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads every certificate of a PEM file.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, crate::Error> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| crate::Error::Certificates {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(crate::Error::Certificates {
+            path: path.to_owned(),
+            reason: "no certificate in the file".into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Reads a PEM private key.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, crate::Error> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| crate::Error::Certificates {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// A client TLS configuration from a certs folder holding `ca.pem`, `client.pem` and
+/// `client.key`.
+pub fn client_tls(certs_dir: &Path) -> Result<rustls::ClientConfig, crate::Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in load_certs(&certs_dir.join("ca.pem"))? {
+        roots.add(ca).map_err(|e| crate::Error::Certificates {
+            path: certs_dir.join("ca.pem"),
+            reason: e.to_string(),
+        })?;
+    }
+    let chain = load_certs(&certs_dir.join("client.pem"))?;
+    let key = load_key(&certs_dir.join("client.key"))?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("ring supports TLS 1.3")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| crate::Error::Certificates {
+            path: certs_dir.join("client.pem"),
+            reason: e.to_string(),
+        })?;
+    tls.alpn_protocols = vec![directmq_protocol::ALPN.to_vec()];
+    Ok(tls)
+}

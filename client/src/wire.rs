@@ -1,0 +1,106 @@
+//! Framed reading and writing on QUIC streams, shared by the client and the broker.
+
+use bytes::{Bytes, BytesMut};
+use directmq_protocol::{self as proto, DecodeError, Frame};
+
+/// Why a stream could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamError {
+    #[error("the peer sent an invalid frame: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("reading the stream failed: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("writing the stream failed: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("the stream ended in the middle of a frame")]
+    Truncated,
+}
+
+/// Reads whole frames from a receive stream.
+#[derive(Debug)]
+pub struct FrameReader {
+    recv: quinn::RecvStream,
+    buf: BytesMut,
+    max_frame_bytes: u64,
+}
+
+impl FrameReader {
+    pub fn new(recv: quinn::RecvStream, max_frame_bytes: u64) -> FrameReader {
+        FrameReader {
+            recv,
+            buf: BytesMut::with_capacity(64 * 1024),
+            max_frame_bytes,
+        }
+    }
+
+    /// The next frame, or `None` when the peer finished the stream cleanly between frames.
+    /// Cancel-safe: bytes already read stay buffered.
+    pub async fn next(&mut self) -> Result<Option<Frame>, StreamError> {
+        loop {
+            if let Some(total) = proto::frame_len(&self.buf, self.max_frame_bytes)? {
+                debug_assert!(self.buf.len() >= total);
+                return Ok(proto::decode(&mut self.buf, self.max_frame_bytes)?);
+            }
+            if self.buf.len() >= proto::HEADER_LEN {
+                // Reserve the whole frame once instead of growing step by step.
+                let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
+                let total = proto::HEADER_LEN + len as usize;
+                self.buf.reserve(total.saturating_sub(self.buf.len()));
+            }
+            match self.recv.read_chunk(1 << 20, true).await? {
+                Some(chunk) => self.buf.extend_from_slice(&chunk.bytes),
+                None if self.buf.is_empty() => return Ok(None),
+                None => return Err(StreamError::Truncated),
+            }
+        }
+    }
+
+    /// Changes the largest frame accepted (after the hello announced the peer's limit).
+    pub fn set_max_frame_bytes(&mut self, max_frame_bytes: u64) {
+        self.max_frame_bytes = max_frame_bytes;
+    }
+
+    /// Asks the peer to stop sending on this stream.
+    pub fn stop(&mut self, code: u32) {
+        let _ = self.recv.stop(quinn::VarInt::from_u32(code));
+    }
+}
+
+/// Writes frames to a send stream.
+#[derive(Debug)]
+pub struct FrameWriter {
+    send: quinn::SendStream,
+    chunks: Vec<Bytes>,
+}
+
+impl FrameWriter {
+    pub fn new(send: quinn::SendStream) -> FrameWriter {
+        FrameWriter {
+            send,
+            chunks: Vec::new(),
+        }
+    }
+
+    pub async fn write(&mut self, frame: &Frame) -> Result<(), StreamError> {
+        self.chunks.clear();
+        proto::encode_chunks(frame, &mut self.chunks);
+        self.send.write_all_chunks(&mut self.chunks).await?;
+        Ok(())
+    }
+
+    /// Sends an error frame, then finishes the stream.
+    pub async fn fail(&mut self, code: proto::ErrorCode, message: String) {
+        let frame = Frame::Error(proto::ErrorFrame {
+            request_id: 0,
+            code,
+            message,
+        });
+        let _ = self.write(&frame).await;
+        self.finish();
+    }
+
+    pub fn finish(&mut self) {
+        let _ = self.send.finish();
+    }
+}

@@ -25,6 +25,9 @@ pub const HEADER_LEN: usize = 9;
 /// ones are handed over as their own chunk so they are never copied.
 const COALESCE_BELOW: usize = 16 * 1024;
 
+/// Largest chunk [`encode_chunks`] hands out; larger payloads are split into slices.
+pub const MAX_CHUNK: usize = 1024 * 1024;
+
 /// Why bytes could not be decoded into a frame. Every variant is fatal for the stream.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -310,7 +313,14 @@ fn encode_inner(frame: &Frame, dst: &mut BytesMut, out: &mut Vec<Bytes>, coalesc
             if !dst.is_empty() {
                 out.push(dst.split().freeze());
             }
-            out.push(payload.clone());
+            // Slices, not copies. Bounded chunks matter: quinn credits a write back to the
+            // connection's send window only once the whole chunk is acknowledged, so chunks
+            // as large as the window could stall every stream of the connection.
+            let mut rest = payload.clone();
+            while rest.len() > MAX_CHUNK {
+                out.push(rest.split_to(MAX_CHUNK));
+            }
+            out.push(rest);
         }
     }
     if coalesce_below != usize::MAX && !dst.is_empty() {

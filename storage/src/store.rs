@@ -849,7 +849,11 @@ impl Writer {
                             b.payload_bytes(),
                         );
                     }
-                    state.apply(meta);
+                    // A snapshot restates what the state already holds; applying it would
+                    // also reset the pending offsets of appends queued behind it.
+                    if !matches!(meta, RecordMeta::Other(Record::Snapshot(_))) {
+                        state.apply(meta);
+                    }
                     position += bytes.len() as u64;
                 }
             }

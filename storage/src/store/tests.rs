@@ -306,3 +306,29 @@ fn retention_deletes_consumed_segments_and_keeps_state() {
         );
     }
 }
+
+#[test]
+fn a_retention_snapshot_keeps_offsets_reserved_by_queued_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    let a = create(&store, "a");
+    for i in 0..200u64 {
+        publish(&store, a, "p", i + 1, &[&[1u8; 900]]);
+    }
+    store
+        .append_blocking(vec![Record::CursorCommitted {
+            channel_id: a,
+            consumer: "c".into(),
+            offset: 150,
+        }])
+        .unwrap();
+    // Offsets handed to an append that is queued but not yet written.
+    let reserved = store.begin().state().reserve(a, 5).unwrap();
+    assert_eq!(reserved, 200);
+    let report = store
+        .retain(|s, id| s.channel(id).map_or(u64::MAX, |c| c.consumers["c"]))
+        .unwrap();
+    assert!(report.segments_deleted > 0);
+    // The snapshot must not hand those offsets out again.
+    assert_eq!(store.begin().state().reserve(a, 1), Some(205));
+}

@@ -560,20 +560,19 @@ impl Broker {
     fn status(&self, identity: &str, prefix: &str) -> Result<Vec<proto::ChannelStatus>, Refusal> {
         let acl = self.acl();
         let now = now_ms();
-        let channels: Vec<StatusRow> =
-            self.store.with_state(|s| {
-                s.channels_with_prefix(prefix)
-                    .filter(|c| c.durable && acl.may_see(identity, &c.name))
-                    .map(|c| {
-                        (
-                            channel_info(c),
-                            c.id,
-                            c.last_append_ms,
-                            c.consumers.iter().map(|(n, o)| (n.clone(), *o)).collect(),
-                        )
-                    })
-                    .collect()
-            });
+        let channels: Vec<StatusRow> = self.store.with_state(|s| {
+            s.channels_with_prefix(prefix)
+                .filter(|c| c.durable && acl.may_see(identity, &c.name))
+                .map(|c| {
+                    (
+                        channel_info(c),
+                        c.id,
+                        c.last_append_ms,
+                        c.consumers.iter().map(|(n, o)| (n.clone(), *o)).collect(),
+                    )
+                })
+                .collect()
+        });
         let sessions = self.sessions.lock().expect("sessions lock").clone();
         let mut out = Vec::with_capacity(channels.len());
         for (info, id, last_append_ms, consumers) in channels {
@@ -616,7 +615,7 @@ impl Broker {
         mut writer: FrameWriter,
         mut reader: FrameReader,
     ) {
-        let opened = self.open_publish(&identity, &open);
+        let opened = self.open_publish(&identity, &open).await;
         let channel_id = match opened {
             Ok((channel_id, last_sequence)) => {
                 let reply = Frame::PublishOpened(proto::PublishOpened { last_sequence });
@@ -687,7 +686,7 @@ impl Broker {
         let _ = acker.await;
     }
 
-    fn open_publish(
+    async fn open_publish(
         &self,
         identity: &str,
         open: &proto::OpenPublish,
@@ -706,18 +705,33 @@ impl Broker {
             ));
         }
         let create = open.create && self.config.auto_create_channels;
-        let mut txn = self.store.begin();
-        let (id, record) = engine::resolve_channel(txn.state(), &open.channel, create, now_ms())?;
-        let last = txn
-            .state()
-            .channel(id)
-            .and_then(|c| c.producers.get(&open.producer_id))
-            .and_then(|p| p.durable.last_sequence);
-        if let Some(record) = record {
-            info!(channel = %open.channel, "channel created on first publish");
-            // The batches that follow are queued behind it, so they are durable after it.
-            txn.append(vec![record], Box::new(|_| {}))
-                .map_err(|e| self.storage_refusal(&e))?;
+        let (id, last, created) = {
+            let mut txn = self.store.begin();
+            let (id, record) =
+                engine::resolve_channel(txn.state(), &open.channel, create, now_ms())?;
+            let last = txn
+                .state()
+                .channel(id)
+                .and_then(|c| c.producers.get(&open.producer_id))
+                .and_then(|p| p.durable.last_sequence);
+            let created = match record {
+                Some(record) => {
+                    let (tx, rx) = oneshot::channel();
+                    txn.append(vec![record], Box::new(move |r| drop(tx.send(r))))
+                        .map_err(|e| self.storage_refusal(&e))?;
+                    Some(rx)
+                }
+                None => None,
+            };
+            (id, last, created)
+        };
+        if let Some(durable) = created {
+            // Answer once the channel exists for everyone (a subscriber may race us).
+            match durable.await {
+                Ok(Ok(())) => info!(channel = %open.channel, "channel created on first publish"),
+                Ok(Err(e)) => return Err(self.storage_refusal(&e)),
+                Err(_) => return Err(self.storage_refusal(&StorageError::Closed)),
+            }
         }
         Ok((id, last))
     }
@@ -959,7 +973,8 @@ impl Broker {
                     }
                 }
             }
-            // Handle what arrived; wait only when there is nothing to deliver.
+            // Handle what arrived; wait only when there is nothing more to deliver.
+            let more = credit_messages > 0 && credit_bytes > 0 && next < *heads.borrow();
             tokio::select! {
                 biased;
                 frame = frames.recv() => match frame {
@@ -990,7 +1005,8 @@ impl Broker {
                         break;
                     }
                 }
-                changed = heads.changed(), if !deliverable => {
+                () = std::future::ready(()), if more => {}
+                changed = heads.changed(), if !more => {
                     if changed.is_err() {
                         writer.fail(ErrorCode::CHANNEL_NOT_FOUND, "the channel was deleted".into()).await;
                         break;
@@ -1001,9 +1017,6 @@ impl Broker {
                     break;
                 }
                 else => break,
-            }
-            if deliverable {
-                tokio::task::yield_now().await;
             }
         }
         read_task.abort();

@@ -1,0 +1,78 @@
+//! Scenario 3 of issue 2: resuming after a commit; one session per consumer.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use directmq_client::StartPosition;
+use directmq_protocol::ErrorCode;
+use directmq_tests::{client, test_config};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_resumes_right_after_its_commit_and_a_second_session_is_refused() -> Result<()> {
+    directmq_tests::init_logging();
+    let dir = tempfile::tempdir()?;
+    let running = directmq_broker::start(test_config(dir.path())).await?;
+    let addr = running.quic_addr;
+    let producer_client = client(addr, dir.path()).await?;
+    let producer = producer_client.producer("t", "p").await?;
+    for i in 0..10 {
+        producer.send(format!("m{i}")).await?;
+    }
+
+    let first = client(addr, dir.path()).await?;
+    let mut session = first.consumer("t", "dc-b", StartPosition::Earliest).await?;
+    for want in 0..4 {
+        let m = session.next().await.context("closed")??;
+        ensure!(m.offset == want && m.payload == format!("m{want}").as_bytes());
+    }
+    session.commit(4).await?;
+
+    // While the first session is connected, a second one is refused with a clear error.
+    let second = client(addr, dir.path()).await?;
+    let err = second
+        .consumer("t", "dc-b", StartPosition::Earliest)
+        .await
+        .expect_err("a second session must be refused");
+    ensure!(err.code() == Some(ErrorCode::CONSUMER_BUSY), "{err}");
+    ensure!(
+        err.to_string().contains("already has an active session"),
+        "{err}"
+    );
+    // Another consumer name is independent.
+    let mut other = second
+        .consumer("t", "dc-c", StartPosition::Earliest)
+        .await?;
+    ensure!(other.next().await.context("closed")??.offset == 0);
+
+    // The first session disconnects; the next one resumes right after the commit.
+    drop(session);
+    first.close().await;
+    let mut attempts = 0;
+    let mut resumed = loop {
+        // The broker releases the lease when it sees the connection close; an agent
+        // retries like a standby until then.
+        match second.consumer("t", "dc-b", StartPosition::Earliest).await {
+            Ok(c) => break c,
+            Err(e) if e.code() == Some(ErrorCode::CONSUMER_BUSY) && attempts < 200 => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    ensure!(resumed.start_offset() == 4);
+    let m = resumed.next().await.context("closed")??;
+    ensure!(
+        m.offset == 4 && m.payload == "m4".as_bytes(),
+        "resumed at {}",
+        m.offset
+    );
+
+    // A commit beyond the head is refused; the session goes on.
+    let err = resumed.commit(99).await.expect_err("beyond the head");
+    ensure!(err.code() == Some(ErrorCode::OFFSET_OUT_OF_RANGE), "{err}");
+    let m = resumed.next().await.context("closed")??;
+    ensure!(m.offset == 5);
+    running.shutdown().await;
+    Ok(())
+}

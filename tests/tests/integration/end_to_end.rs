@@ -1,0 +1,291 @@
+//! Scenarios 1 and 2 of issue 2: many channels, concurrent producers, mixed payload sizes;
+//! a graceful restart and a SIGKILL in the middle.
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hasher};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use directmq_client::{Client, PendingAck, StartPosition};
+use directmq_tests::{client, payload, test_config, ChildBroker};
+use tokio::sync::watch;
+
+const CHANNELS: u32 = 16;
+const PRODUCERS: u32 = 4;
+const PER_CHANNEL: u64 = 10_000;
+const PER_PRODUCER_CHANNEL: u64 = PER_CHANNEL / PRODUCERS as u64;
+
+fn channel_name(c: u32) -> String {
+    format!("dc-a/db1/s{c:02}")
+}
+
+fn hash(bytes: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    h.write(bytes);
+    h.finish()
+}
+
+/// What a producer learned from its acks: offset → (producer, sequence, payload length).
+type Receipts = HashMap<(u32, u64), (u32, u64, usize)>;
+
+/// Publishes `PER_PRODUCER_CHANNEL` messages to every channel, round-robin, pipelined.
+async fn produce(
+    client: Client,
+    producer: u32,
+    size: impl Fn(u32, u32, u64) -> usize,
+    acked: watch::Sender<u64>,
+) -> Result<Receipts> {
+    let mut handles = Vec::new();
+    for c in 0..CHANNELS {
+        handles.push(
+            client
+                .producer(&channel_name(c), &format!("agent-{producer}"))
+                .await?,
+        );
+    }
+    let mut receipts = Receipts::new();
+    let mut pending: std::collections::VecDeque<(u32, u64, usize, PendingAck)> = Default::default();
+    for seq in 0..PER_PRODUCER_CHANNEL {
+        for c in 0..CHANNELS {
+            let len = size(c, producer, seq);
+            let ack = handles[c as usize]
+                .enqueue(payload(c, producer, seq, len))
+                .await?;
+            pending.push_back((c, seq, len, ack));
+            if pending.len() >= 4096 {
+                settle(
+                    producer,
+                    pending.pop_front().expect("non-empty"),
+                    &mut receipts,
+                )
+                .await?;
+                acked.send_modify(|n| *n += 1);
+            }
+        }
+    }
+    while let Some(item) = pending.pop_front() {
+        settle(producer, item, &mut receipts).await?;
+        acked.send_modify(|n| *n += 1);
+    }
+    Ok(receipts)
+}
+
+async fn settle(
+    producer: u32,
+    item: (u32, u64, usize, PendingAck),
+    receipts: &mut Receipts,
+) -> Result<()> {
+    let (c, seq, len, ack) = item;
+    let receipt = ack
+        .await
+        .with_context(|| format!("ack of producer {producer} channel {c} seq {seq}"))?;
+    ensure!(receipt.sequence == seq, "receipt for the wrong sequence");
+    let offset = receipt
+        .offset
+        .context("the broker forgot a retried sequence")?;
+    let previous = receipts.insert((c, offset), (producer, seq, len));
+    ensure!(
+        previous.is_none(),
+        "offset {offset} of channel {c} acked twice"
+    );
+    Ok(())
+}
+
+/// Reads `PER_CHANNEL` messages of one channel; checks order and density; returns
+/// offset → (length, hash).
+static CONSUMED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+async fn consume(client: Client, c: u32) -> Result<Vec<(usize, u64)>> {
+    let mut consumer = client
+        .consumer(&channel_name(c), "dc-b", StartPosition::Earliest)
+        .await?;
+    let mut got = Vec::with_capacity(PER_CHANNEL as usize);
+    while (got.len() as u64) < PER_CHANNEL {
+        let m = consumer.next().await.context("consumer closed")??;
+        ensure!(
+            m.offset == got.len() as u64,
+            "channel {c}: expected offset {}, got {}",
+            got.len(),
+            m.offset
+        );
+        got.push((m.payload.len(), hash(&m.payload)));
+        CONSUMED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if got.len() % 500 == 0 {
+            consumer.commit_nowait(m.offset + 1);
+        }
+    }
+    consumer.commit(PER_CHANNEL).await?;
+    Ok(got)
+}
+
+fn verify(receipts: &Receipts, consumed: &[Vec<(usize, u64)>]) -> Result<()> {
+    ensure!(
+        receipts.len() as u64 == PER_CHANNEL * u64::from(CHANNELS),
+        "acks: {}",
+        receipts.len()
+    );
+    for (c, messages) in consumed.iter().enumerate() {
+        let c = c as u32;
+        let mut last_seq = HashMap::new();
+        for (offset, &(len, h)) in messages.iter().enumerate() {
+            let &(producer, seq, want_len) =
+                receipts.get(&(c, offset as u64)).with_context(|| {
+                    format!("channel {c} offset {offset} delivered but never acked")
+                })?;
+            ensure!(
+                len == want_len,
+                "channel {c} offset {offset}: {len} bytes, expected {want_len}"
+            );
+            ensure!(
+                h == hash(&payload(c, producer, seq, want_len)),
+                "channel {c} offset {offset}: payload differs from what producer {producer} sent as {seq}"
+            );
+            // Each producer's messages keep their publish order.
+            if let Some(prev) = last_seq.insert(producer, seq) {
+                ensure!(
+                    seq > prev,
+                    "channel {c}: producer {producer} reordered ({prev} then {seq})"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn run_all(
+    addr: SocketAddr,
+    data: &Path,
+    size: impl Fn(u32, u32, u64) -> usize + Copy + Send + 'static,
+    acked: watch::Sender<u64>,
+) -> Result<(Receipts, Vec<Vec<(usize, u64)>>)> {
+    let admin = client(addr, data).await?;
+    for c in 0..CHANNELS {
+        admin.create_channel(&channel_name(c)).await?;
+    }
+    let mut consumers = Vec::new();
+    for c in 0..CHANNELS {
+        let admin = admin.clone();
+        consumers.push(tokio::spawn(async move { consume(admin, c).await }));
+    }
+    let mut producers = Vec::new();
+    for p in 0..PRODUCERS {
+        let client = client(addr, data).await?;
+        let acked = acked.clone();
+        producers.push(tokio::spawn(async move {
+            produce(client, p, size, acked).await
+        }));
+    }
+    if std::env::var_os("DIRECTMQ_TEST_PROGRESS").is_some() {
+        let acked = acked.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                eprintln!(
+                    "progress: acked {} consumed {}",
+                    *acked.borrow(),
+                    CONSUMED.load(std::sync::atomic::Ordering::Relaxed)
+                );
+            }
+        });
+    }
+    let mut receipts = Receipts::new();
+    for p in producers {
+        receipts.extend(p.await??);
+    }
+    let mut consumed = Vec::new();
+    for c in consumers {
+        consumed.push(c.await??);
+    }
+    Ok((receipts, consumed))
+}
+
+/// Sizes for scenario 1: empty, 1 KiB, 100 KiB, 1 MiB, and one 64 MiB message.
+fn mixed(c: u32, p: u32, seq: u64) -> usize {
+    match seq {
+        _ if c == 0 && p == 0 && seq == 2000 => 64 * 1024 * 1024,
+        1249 => 1024 * 1024,
+        s if s % 500 == 499 => 100 * 1024,
+        s if s % 3 == 0 => 0,
+        _ => 1024,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_consumer_gets_its_channel_in_order_and_byte_identical() -> Result<()> {
+    directmq_tests::init_logging();
+    let dir = tempfile::tempdir()?;
+    let running = directmq_broker::start(test_config(dir.path())).await?;
+    let (acked, _) = watch::channel(0);
+    let (receipts, consumed) = tokio::time::timeout(
+        Duration::from_secs(300),
+        run_all(running.quic_addr, dir.path(), mixed, acked),
+    )
+    .await
+    .context("timed out")??;
+    verify(&receipts, &consumed)?;
+    running.shutdown().await;
+    Ok(())
+}
+
+/// Smaller payloads: the point here is the restarts.
+fn small(_c: u32, _p: u32, seq: u64) -> usize {
+    match seq {
+        s if s % 500 == 7 => 100 * 1024,
+        s if s % 4 == 0 => 0,
+        _ => 1024,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acked_messages_survive_a_graceful_restart_and_a_sigkill_exactly_once() -> Result<()> {
+    directmq_tests::init_logging();
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().to_owned();
+    let broker = ChildBroker::start(&crate::directmq_bin(), &data, None)?;
+    let addr = broker.quic;
+    let broker = Arc::new(std::sync::Mutex::new(broker));
+    let (acked, mut progress) = watch::channel(0u64);
+    let total = PER_CHANNEL * u64::from(CHANNELS);
+    let work = tokio::spawn({
+        let data = data.clone();
+        async move { run_all(addr, &data, small, acked).await }
+    });
+    // A graceful restart a third of the way in...
+    progress.wait_for(|n| *n >= total / 3).await?;
+    let b = broker.clone();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut b = b.lock().expect("lock");
+        ensure!(b.terminate()?, "graceful shutdown exited with an error");
+        *b = ChildBroker::start(&crate::directmq_bin(), &b.data.clone(), Some(addr))?;
+        Ok(())
+    })
+    .await??;
+    // ...and a SIGKILL two thirds of the way in, while producers are publishing.
+    progress.wait_for(|n| *n >= 2 * total / 3).await?;
+    let b = broker.clone();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut b = b.lock().expect("lock");
+        b.kill();
+        *b = ChildBroker::start(&crate::directmq_bin(), &b.data.clone(), Some(addr))?;
+        Ok(())
+    })
+    .await??;
+    let (receipts, consumed) = tokio::time::timeout(Duration::from_secs(300), work)
+        .await
+        .context("timed out")???;
+    verify(&receipts, &consumed)?;
+    // No duplicates in the log: every head is exactly what was published.
+    let admin = client(addr, &data).await?;
+    for info in admin.list_channels("dc-a/").await? {
+        ensure!(
+            info.head == PER_CHANNEL,
+            "{} has head {}: retries duplicated messages",
+            info.name,
+            info.head
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,13 @@
+//! DirectMQ integration tests: real brokers (in this process or as child processes), real
+//! QUIC with mutual TLS on loopback, real fsync'd segment files and sled.
+
+mod bad_input;
+mod cli;
+mod consumers;
+mod end_to_end;
+mod rebuild;
+
+/// The `directmq` command line under test (Cargo builds it for this test target).
+pub fn directmq_bin() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_BIN_EXE_directmq-under-test"))
+}

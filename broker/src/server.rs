@@ -616,13 +616,13 @@ impl Broker {
         mut reader: FrameReader,
     ) {
         let opened = self.open_publish(&identity, &open).await;
-        let channel_id = match opened {
-            Ok((channel_id, last_sequence)) => {
+        let (channel_id, epoch) = match opened {
+            Ok((channel_id, last_sequence, epoch)) => {
                 let reply = Frame::PublishOpened(proto::PublishOpened { last_sequence });
                 if writer.write(&reply).await.is_err() {
                     return;
                 }
-                channel_id
+                (channel_id, epoch)
             }
             Err(r) => {
                 metrics::counter!(m::PUBLISH_ERRORS, "code" => r.code.name()).increment(1);
@@ -665,7 +665,7 @@ impl Broker {
             };
             let batch_id = batch.batch_id;
             match self
-                .plan_batch(channel_id, &open.producer_id, batch, &heads)
+                .plan_batch(channel_id, &open.producer_id, epoch, batch, &heads)
                 .await
             {
                 Ok(ack) => {
@@ -690,7 +690,7 @@ impl Broker {
         &self,
         identity: &str,
         open: &proto::OpenPublish,
-    ) -> Result<(u64, Option<u64>), Refusal> {
+    ) -> Result<(u64, Option<u64>, u64), Refusal> {
         if let Err(e) = proto::validate_channel_name(&open.channel) {
             return Err(Refusal::new(
                 ErrorCode::INVALID_CHANNEL_NAME,
@@ -705,41 +705,57 @@ impl Broker {
             ));
         }
         let create = open.create && self.config.auto_create_channels;
-        let (id, last, created) = {
+        let (id, wait) = {
             let mut txn = self.store.begin();
             let (id, record) =
                 engine::resolve_channel(txn.state(), &open.channel, create, now_ms())?;
-            let last = txn
-                .state()
-                .channel(id)
-                .and_then(|c| c.producers.get(&open.producer_id))
-                .and_then(|p| p.durable.last_sequence);
-            let created = match record {
-                Some(record) => {
-                    let (tx, rx) = oneshot::channel();
-                    txn.append(vec![record], Box::new(move |r| drop(tx.send(r))))
-                        .map_err(|e| self.storage_refusal(&e))?;
-                    Some(rx)
-                }
-                None => None,
+            let channel = txn.state().channel(id).expect("resolved");
+            // Answer from durable state only: a channel another stream is still creating,
+            // or this producer's batches still waiting for their fsync, are waited for.
+            let pending_producer = channel
+                .producers
+                .get(&open.producer_id)
+                .is_some_and(|p| p.pending_last.is_some());
+            let wait = if record.is_some() || !channel.durable || pending_producer {
+                let (tx, rx) = oneshot::channel();
+                txn.append(
+                    record.into_iter().collect(),
+                    Box::new(move |r| drop(tx.send(r))),
+                )
+                .map_err(|e| self.storage_refusal(&e))?;
+                Some(rx)
+            } else {
+                None
             };
-            (id, last, created)
+            (id, wait)
         };
-        if let Some(durable) = created {
-            // Answer once the channel exists for everyone (a subscriber may race us).
+        if let Some(durable) = wait {
             match durable.await {
-                Ok(Ok(())) => info!(channel = %open.channel, "channel created on first publish"),
+                Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(self.storage_refusal(&e)),
                 Err(_) => return Err(self.storage_refusal(&StorageError::Closed)),
             }
         }
-        Ok((id, last))
+        self.store.with_state(|s| {
+            let channel = s.channel(id).filter(|c| c.durable).ok_or_else(|| {
+                Refusal::new(
+                    ErrorCode::STORAGE_ERROR,
+                    format!("channel {:?} could not be created; retry", open.channel),
+                )
+            })?;
+            let last = channel
+                .producers
+                .get(&open.producer_id)
+                .and_then(|p| p.durable.last_sequence);
+            Ok((id, last, s.epoch()))
+        })
     }
 
     async fn plan_batch(
         &self,
         channel_id: u64,
         producer_id: &str,
+        epoch: u64,
         batch: proto::PublishBatch,
         heads: &watch::Sender<u64>,
     ) -> Result<Ack, Refusal> {
@@ -775,6 +791,15 @@ impl Broker {
             let (tx, rx) = oneshot::channel();
             let decision = {
                 let mut txn = self.store.begin();
+                if txn.state().epoch() != epoch {
+                    // A write failed since this stream opened: an earlier batch of ours may
+                    // be among the dropped ones, so nothing later may be appended before
+                    // the client resends from its first unacknowledged batch.
+                    return Err(Refusal::new(
+                        ErrorCode::STORAGE_ERROR,
+                        "a write failed on the broker; reopen the stream and resend unacknowledged batches",
+                    ));
+                }
                 let decision = engine::plan_publish(
                     txn.state(),
                     channel_id,
@@ -879,6 +904,7 @@ impl Broker {
         {
             return;
         }
+        let mut last_commit = next;
         let mut credit_messages = u64::from(sub.credit_messages);
         let mut credit_bytes = sub.credit_bytes;
         let (frames_tx, mut frames) = mpsc::channel(64);
@@ -983,7 +1009,12 @@ impl Broker {
                         credit_bytes = credit_bytes.saturating_add(c.bytes);
                     }
                     Some(Ok(Some(Frame::Commit(c)))) => {
-                        self.commit(channel_id, &sub.consumer, c.offset, commits_tx.clone());
+                        if c.offset <= last_commit {
+                            // Cumulative: an older commit than one already taken changes nothing.
+                            let _ = commits_tx.send(Ok(c.offset));
+                        } else if self.commit(channel_id, &sub.consumer, c.offset, commits_tx.clone()) {
+                            last_commit = c.offset;
+                        }
                     }
                     Some(Ok(Some(other))) => {
                         writer.fail(ErrorCode::UNEXPECTED_FRAME, format!("expected Credit or Commit, got {}", other.name())).await;
@@ -1066,7 +1097,7 @@ impl Broker {
         consumer: &str,
         offset: u64,
         reply: mpsc::UnboundedSender<Result<u64, Refusal>>,
-    ) {
+    ) -> bool {
         let mut txn = self.store.begin();
         let planned = match txn.state().channel(channel_id) {
             Some(c) => engine::plan_commit(c, consumer, offset),
@@ -1093,15 +1124,21 @@ impl Broker {
                         let _ = reply2.send(r.map(|()| offset).map_err(|e| refusal(&e)));
                     }),
                 );
-                if let Err(e) = result {
-                    let _ = reply.send(Err(refusal(&e)));
+                match result {
+                    Ok(()) => true,
+                    Err(e) => {
+                        let _ = reply.send(Err(refusal(&e)));
+                        false
+                    }
                 }
             }
             Ok(None) => {
                 let _ = reply.send(Ok(offset));
+                true
             }
             Err(r) => {
                 let _ = reply.send(Err(r));
+                false
             }
         }
     }

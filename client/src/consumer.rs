@@ -325,8 +325,9 @@ impl Task {
                 if let Some(waiter) = waiter {
                     self.commit_waiters.push((offset, waiter));
                 }
-                self.commit_requested =
-                    Some(self.commit_requested.map_or(offset, |r| r.max(offset)));
+                // Commits are cumulative: never send one below what was already asked.
+                let offset = self.commit_requested.map_or(offset, |r| r.max(offset));
+                self.commit_requested = Some(offset);
                 let frame = Frame::Commit(proto::Commit { offset });
                 if let Some(stream) = self.stream.as_mut() {
                     if stream.writer.write(&frame).await.is_err() {

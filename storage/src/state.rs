@@ -52,7 +52,7 @@ impl ProducerState {
             let offset = base_offset + i as u64;
             match self.recent.back_mut() {
                 Some(run)
-                    if run.first_sequence + run.count == sequence
+                    if run.first_sequence.checked_add(run.count) == Some(sequence)
                         && run.first_offset + run.count == offset =>
                 {
                     run.count += 1
@@ -76,7 +76,7 @@ impl ProducerState {
             .recent
             .partition_point(|r| r.first_sequence <= sequence);
         let run = self.recent.get(i.checked_sub(1)?)?;
-        (sequence < run.first_sequence + run.count)
+        (sequence - run.first_sequence < run.count)
             .then(|| run.first_offset + (sequence - run.first_sequence))
     }
 }
@@ -178,9 +178,17 @@ pub struct LogState {
     by_name: BTreeMap<String, u64>,
     next_channel_id: u64,
     pending_channel_id: u64,
+    /// Counts [`LogState::reset_pending`] calls: a publisher that saw another epoch before
+    /// must not append after a batch of its own may have been dropped.
+    epoch: u64,
 }
 
 impl LogState {
+    /// How many times queued appends were undone since start.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     pub fn channel(&self, id: u64) -> Option<&Channel> {
         self.channels.get(&id)
     }
@@ -238,11 +246,12 @@ impl LogState {
         }
     }
 
-    /// Undoes everything queued but not durable, after a failed write.
+    /// Undoes everything queued but not durable, after a failed write. Channel ids handed
+    /// out are not reused, so a stale id can never name another channel.
     pub fn reset_pending(&mut self) {
+        self.epoch += 1;
         self.channels.retain(|_, c| c.durable);
         self.by_name.retain(|_, id| self.channels.contains_key(id));
-        self.pending_channel_id = self.next_channel_id;
         for channel in self.channels.values_mut() {
             channel.pending_next = channel.next_offset;
             channel
@@ -357,9 +366,11 @@ impl LogState {
 
     /// Replaces the whole state by a snapshot.
     pub fn load(&mut self, snapshot: &StateSnapshot) {
+        let (epoch, pending_channel_id) = (self.epoch, self.pending_channel_id);
         *self = LogState::default();
+        self.epoch = epoch;
         self.next_channel_id = snapshot.next_channel_id;
-        self.pending_channel_id = snapshot.next_channel_id;
+        self.pending_channel_id = pending_channel_id.max(snapshot.next_channel_id);
         for c in &snapshot.channels {
             let mut channel = Channel::new(c.id, c.name.clone(), c.created_ms, true);
             channel.next_offset = c.next_offset;
@@ -464,11 +475,8 @@ mod tests {
         assert_eq!(a.pending_next, 1);
         assert_eq!(a.producers["p"].last_sequence(), Some(1));
         assert!(!a.producers.contains_key("q"));
-        assert_eq!(
-            state.create_pending("b", 3),
-            1,
-            "the id is reused: it never became durable"
-        );
+        assert_eq!(state.create_pending("b", 3), 2, "ids are never reused");
+        assert_eq!(state.epoch(), 1);
     }
 
     #[test]
@@ -496,6 +504,16 @@ mod tests {
         // Replaying a batch the snapshot already covers changes nothing.
         other.apply(&batch(0, 0, "p", vec![1, 2]));
         assert_eq!(other.snapshot(), snap);
+    }
+
+    #[test]
+    fn the_largest_sequence_does_not_overflow() {
+        let mut p = ProducerState::default();
+        p.record([u64::MAX - 1, u64::MAX].into_iter(), 7);
+        assert_eq!(p.offset_of(u64::MAX), Some(8));
+        assert_eq!(p.offset_of(3), None);
+        p.record(std::iter::once(u64::MAX), 9);
+        assert_eq!(p.offset_of(u64::MAX), Some(9));
     }
 
     #[test]

@@ -402,10 +402,12 @@ impl Store {
         let candidates: Vec<(u64, u64)> = {
             let state = self.shared.state.lock().expect("state lock");
             let summaries = self.shared.summaries.lock().expect("summaries lock");
+            // Only the oldest segments, in order: deleting one in the middle would leave a
+            // hole in the channels it shares with a segment that must stay.
             summaries
                 .iter()
-                .filter(|(id, _)| **id < active)
-                .filter(|(_, s)| {
+                .take_while(|(id, _)| **id < active)
+                .take_while(|(_, s)| {
                     s.spans
                         .iter()
                         .all(|(channel, span)| match state.channel(*channel) {
@@ -734,7 +736,7 @@ impl Writer {
     fn idle(&mut self) {
         if self.unsynced {
             if let Err(e) = self.sync() {
-                self.fail(e, Vec::new());
+                let _ = self.fail(e, Vec::new());
             }
         }
         if self.since_checkpoint > 0 {
@@ -746,22 +748,53 @@ impl Writer {
 
     fn process(&mut self, jobs: Vec<Job>) {
         let mut group = Vec::new();
-        for job in jobs {
+        let mut jobs = jobs.into_iter();
+        let mut failed = None;
+        for job in jobs.by_ref() {
             match job {
                 Job::Append { records, done } => group.push((records, done)),
                 Job::Snapshot { done } => {
-                    self.write_group(std::mem::take(&mut group));
-                    let snapshot = self.shared.state.lock().expect("state lock").snapshot();
-                    let record = Record::Snapshot(Box::new(snapshot));
-                    let bytes = record.encode();
-                    self.write_group(vec![(vec![(RecordMeta::Other(record), bytes)], done)]);
-                    if let Err(e) = self.sync() {
-                        self.fail(e, Vec::new());
+                    failed = self.write_group(std::mem::take(&mut group)).err();
+                    match &failed {
+                        None => {
+                            let snapshot = self.shared.state.lock().expect("state lock").snapshot();
+                            let record = Record::Snapshot(Box::new(snapshot));
+                            let bytes = record.encode();
+                            failed = self
+                                .write_group(vec![(vec![(RecordMeta::Other(record), bytes)], done)])
+                                .err();
+                        }
+                        Some(error) => done(Err(error.clone())),
+                    }
+                    if failed.is_none() {
+                        if let Err(e) = self.sync() {
+                            failed = Some(self.fail(e, Vec::new()));
+                        }
+                    }
+                    if failed.is_some() {
+                        break;
                     }
                 }
             }
         }
-        self.write_group(group);
+        match &failed {
+            None => failed = self.write_group(group).err(),
+            Some(error) => {
+                for (_, done) in group {
+                    done(Err(error.clone()));
+                }
+            }
+        }
+        if let Some(error) = failed {
+            // Everything taken with the failed group was decided against pending state the
+            // failure made untrue: none of it may be written.
+            for job in jobs {
+                match job {
+                    Job::Append { done, .. } | Job::Snapshot { done } => done(Err(error.clone())),
+                }
+            }
+            return;
+        }
         let due = self.since_checkpoint >= self.shared.options.checkpoint_bytes
             || (self.since_checkpoint > 0
                 && self.last_checkpoint.elapsed() >= self.shared.options.checkpoint_interval);
@@ -777,15 +810,15 @@ impl Writer {
         }
     }
 
-    fn write_group(&mut self, group: Vec<(Vec<(RecordMeta, Bytes)>, Done)>) {
+    fn write_group(
+        &mut self,
+        group: Vec<(Vec<(RecordMeta, Bytes)>, Done)>,
+    ) -> Result<(), Arc<StorageError>> {
         if group.is_empty() {
-            return;
+            return Ok(());
         }
         if self.shared.poisoned.load(Ordering::Acquire) {
-            for (_, done) in group {
-                done(Err(Arc::new(StorageError::Poisoned)));
-            }
-            return;
+            return Err(self.fail(StorageError::Poisoned, group));
         }
         let start = self.len;
         let total: u64 = group
@@ -802,8 +835,7 @@ impl Writer {
                 tracing::error!(error = %t, "could not cut a failed write back; stopping writes");
                 self.shared.poisoned.store(true, Ordering::Release);
             }
-            self.fail(error, group);
-            return;
+            return Err(self.fail(error, group));
         }
         self.len += total;
         self.unsynced = true;
@@ -815,8 +847,7 @@ impl Writer {
         };
         if sync_now {
             if let Err(e) = self.sync() {
-                self.fail(e, group);
-                return;
+                return Err(self.fail(e, group));
             }
         }
         self.since_checkpoint += total;
@@ -862,6 +893,7 @@ impl Writer {
         for (_, done) in group {
             done(Ok(()));
         }
+        Ok(())
     }
 
     fn sync(&mut self) -> Result<(), StorageError> {
@@ -886,7 +918,11 @@ impl Writer {
 
     /// Fails `group` and everything queued behind it: they were decided against pending
     /// state that the failed write makes untrue.
-    fn fail(&mut self, error: StorageError, group: Vec<(Vec<(RecordMeta, Bytes)>, Done)>) {
+    fn fail(
+        &mut self,
+        error: StorageError,
+        group: Vec<(Vec<(RecordMeta, Bytes)>, Done)>,
+    ) -> Arc<StorageError> {
         tracing::error!(%error, "append failed");
         let error = Arc::new(error);
         let queued = {
@@ -902,9 +938,15 @@ impl Writer {
                 Job::Append { done, .. } | Job::Snapshot { done } => done(Err(error.clone())),
             }
         }
+        error
     }
 
     fn checkpoint(&mut self) -> Result<(), StorageError> {
+        if self.shared.poisoned.load(Ordering::Acquire) {
+            // Bytes of the failed group may sit in the file unapplied; a checkpoint past
+            // them would hide them from the next recovery's replay.
+            return Err(StorageError::Poisoned);
+        }
         let state = self.shared.state.lock().expect("state lock").snapshot();
         let summaries = self
             .shared

@@ -332,3 +332,139 @@ fn a_retention_snapshot_keeps_offsets_reserved_by_queued_appends() {
     // The snapshot must not hand those offsets out again.
     assert_eq!(store.begin().state().reserve(a, 1), Some(205));
 }
+
+/// A small tmpfs mounted for one test, unmounted on drop.
+struct SmallDisk {
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    /// `None` (with a loud note) where mounting is not permitted (not root).
+    fn mount(bytes: u64) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        std::fs::create_dir(&path).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!(
+                "SKIPPED: cannot mount a tmpfs here (needs root); the full-disk test did not run"
+            );
+            return None;
+        }
+        Some(SmallDisk { path, _dir: dir })
+    }
+}
+
+impl SmallDisk {
+    fn grow(&self, bytes: u64) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={bytes}")])
+            .arg(&self.path)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "remount failed");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_refuses_appends_and_loses_nothing_acked() {
+    let Some(disk) = SmallDisk::mount(3 * 1024 * 1024) else {
+        return;
+    };
+    let options = StoreOptions {
+        segment_bytes: 512 * 1024,
+        ..StoreOptions::default()
+    };
+    let store = Arc::new(Store::open(&disk.path, options.clone()).unwrap());
+    let a = create(&store, "a");
+    let mut acked: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut full = 0;
+    // Pipelined appends of 10 × 1 KiB until the disk is full a few times over.
+    for round in 0..1000u64 {
+        let mut pending = Vec::new();
+        for i in 0..4u64 {
+            let id = round * 4 + i;
+            let payloads: Vec<Vec<u8>> = (0..10).map(|k| vec![(id * 10 + k) as u8; 1024]).collect();
+            let mut txn = store.begin();
+            let base = txn.state().reserve(a, 10).unwrap();
+            let (tx, rx) = mpsc::channel();
+            let queued = txn.append(
+                vec![Record::Batch(Batch {
+                    channel_id: a,
+                    base_offset: base,
+                    timestamp_ms: 1,
+                    producer: None,
+                    messages: payloads
+                        .iter()
+                        .map(|p| StoredMessage {
+                            headers: vec![],
+                            payload: Bytes::copy_from_slice(p),
+                        })
+                        .collect(),
+                })],
+                Box::new(move |r| drop(tx.send(r))),
+            );
+            drop(txn);
+            if queued.is_ok() {
+                pending.push((base, payloads, rx));
+            }
+        }
+        for (base, payloads, rx) in pending {
+            match rx.recv().unwrap() {
+                Ok(()) => {
+                    for (k, p) in payloads.into_iter().enumerate() {
+                        acked.push((base + k as u64, p));
+                    }
+                }
+                Err(e) => {
+                    assert!(e.is_full(), "expected a full disk, got {e}");
+                    full += 1;
+                }
+            }
+        }
+        if full >= 8 {
+            break;
+        }
+    }
+    assert!(full >= 8, "the disk never filled");
+    assert!(!store.is_poisoned(), "a full disk is not an fsync failure");
+    let check = |store: &Store| {
+        let head = store.with_state(|s| s.channel(a).unwrap().next_offset);
+        assert_eq!(
+            head,
+            acked.len() as u64,
+            "only acked messages are in the log"
+        );
+        let read = store.read(a, 0, usize::MAX, u64::MAX).unwrap();
+        assert_eq!(read.len(), acked.len());
+        for (m, (offset, payload)) in read.iter().zip(&acked) {
+            assert_eq!(m.offset, *offset);
+            assert_eq!(&m.payload[..], &payload[..]);
+        }
+    };
+    check(&store);
+    // Offsets stay dense after the failures: the next append continues at the head.
+    assert_eq!(
+        store.begin().state().reserve(a, 0),
+        Some(acked.len() as u64)
+    );
+    assert!(store.with_state(|s| s.epoch()) >= 1);
+    drop(store);
+    // The operator makes room; the restart finds exactly what was acked.
+    disk.grow(16 * 1024 * 1024);
+    let store = Store::open(&disk.path, options).unwrap();
+    check(&store);
+}

@@ -115,6 +115,9 @@ pub struct ReadMessage {
 pub struct RetentionReport {
     pub segments_deleted: usize,
     pub bytes_freed: u64,
+    /// Live batches of slow channels copied forward out of deleted segments.
+    pub batches_copied: usize,
+    pub bytes_copied: u64,
 }
 
 /// Exclusive access to the state for deciding and queueing appends; see [`Store::begin`].
@@ -399,27 +402,45 @@ impl Store {
         floor: impl Fn(&LogState, u64) -> u64,
     ) -> Result<RetentionReport, StorageError> {
         let active = self.shared.active_segment.load(Ordering::Acquire);
-        let candidates: Vec<(u64, u64)> = {
+        // Only the oldest segments go, in order: deleting one in the middle would leave a
+        // hole in the channels it shares with a segment that must stay. A segment that is
+        // mostly dead but pinned by a slow channel's few live batches is compacted: those
+        // batches are copied forward into the active segment first.
+        let mut candidates: Vec<(u64, u64)> = Vec::new();
+        // (segment, channel, first offset to look at, floor)
+        let mut to_copy: Vec<(u64, u64, u64, u64)> = Vec::new();
+        {
             let state = self.shared.state.lock().expect("state lock");
             let summaries = self.shared.summaries.lock().expect("summaries lock");
-            // Only the oldest segments, in order: deleting one in the middle would leave a
-            // hole in the channels it shares with a segment that must stay.
-            summaries
-                .iter()
-                .take_while(|(id, _)| **id < active)
-                .take_while(|(_, s)| {
-                    s.spans
-                        .iter()
-                        .all(|(channel, span)| match state.channel(*channel) {
-                            None => true,
-                            Some(_) => span.end_offset <= floor(&state, *channel),
-                        })
-                })
-                .map(|(id, s)| (*id, s.size))
-                .collect()
-        };
+            for (id, summary) in summaries.iter() {
+                if *id >= active {
+                    break;
+                }
+                let live: Vec<(u64, crate::Span, u64)> = summary
+                    .spans
+                    .iter()
+                    .filter(|(channel, _)| state.channel(*channel).is_some())
+                    .map(|(channel, span)| (*channel, *span, floor(&state, *channel)))
+                    .filter(|(_, span, floor)| span.end_offset > *floor)
+                    .collect();
+                let live_bytes: u64 = live.iter().map(|(_, span, _)| span.bytes).sum();
+                if !live.is_empty() && live_bytes * 2 > summary.size {
+                    break;
+                }
+                to_copy.extend(live.into_iter().map(|(channel, span, floor)| {
+                    (*id, channel, span.first_offset.max(floor), floor)
+                }));
+                candidates.push((*id, summary.size));
+            }
+        }
         if candidates.is_empty() {
             return Ok(RetentionReport::default());
+        }
+        let mut report = RetentionReport::default();
+        for (segment, channel, first, floor) in to_copy {
+            let (batches, bytes) = self.copy_forward(segment, channel, first, floor)?;
+            report.batches_copied += batches;
+            report.bytes_copied += bytes;
         }
         let (tx, rx) = mpsc::channel();
         {
@@ -444,7 +465,6 @@ impl Store {
             }
             Err(_) => return Err(StorageError::Closed),
         }
-        let mut report = RetentionReport::default();
         let mut touched = HashSet::new();
         for (id, size) in &candidates {
             let path = segment::segment_path(&self.shared.log_dir, *id);
@@ -489,6 +509,60 @@ impl Store {
             "retention deleted segments"
         );
         Ok(report)
+    }
+
+    /// Copies the batches of `channel` stored in `segment` that end above `floor` to the
+    /// end of the log, durably; the index then points at the copies. Replay ignores the
+    /// copies for the state (their offsets are below the head) and indexes them.
+    fn copy_forward(
+        &self,
+        segment: u64,
+        channel: u64,
+        first: u64,
+        floor: u64,
+    ) -> Result<(usize, u64), StorageError> {
+        const CHUNK_BYTES: u64 = 16 * 1024 * 1024;
+        let mut copied = (0usize, 0u64);
+        let mut chunk = Vec::new();
+        let mut chunk_bytes = 0u64;
+        let flush = |chunk: &mut Vec<Record>, chunk_bytes: &mut u64| -> Result<(), StorageError> {
+            if chunk.is_empty() {
+                return Ok(());
+            }
+            self.append_blocking(std::mem::take(chunk))
+                .map_err(|e| StorageError::Io {
+                    op: "copy live batches forward",
+                    path: self.shared.log_dir.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+            *chunk_bytes = 0;
+            Ok(())
+        };
+        let mut from = self
+            .shared
+            .index
+            .find(channel, first)?
+            .map_or(first, |e| e.base_offset);
+        loop {
+            let entries = self.shared.index.scan(channel, from, 256)?;
+            let Some(last) = entries.last() else { break };
+            from = last.base_offset + 1;
+            for entry in entries
+                .iter()
+                .filter(|e| e.segment == segment && e.end_offset() > floor)
+            {
+                let batch = self.read_batch(entry)?;
+                copied.0 += 1;
+                copied.1 += u64::from(entry.len);
+                chunk_bytes += u64::from(entry.len);
+                chunk.push(Record::Batch(batch));
+                if chunk_bytes >= CHUNK_BYTES {
+                    flush(&mut chunk, &mut chunk_bytes)?;
+                }
+            }
+        }
+        flush(&mut chunk, &mut chunk_bytes)?;
+        Ok(copied)
     }
 
     /// Bytes of all segment files.

@@ -468,3 +468,76 @@ fn a_full_disk_refuses_appends_and_loses_nothing_acked() {
     let store = Store::open(&disk.path, options).unwrap();
     check(&store);
 }
+
+#[test]
+fn a_slow_channel_is_compacted_forward_instead_of_pinning_old_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let floor = |s: &LogState, id: u64| {
+        let c = s.channel(id).unwrap();
+        c.consumers
+            .values()
+            .copied()
+            .min()
+            .unwrap_or(c.first_offset)
+    };
+    let (fast, slow) = {
+        let store = Store::open(dir.path(), opts()).unwrap();
+        let fast = create(&store, "fast");
+        let slow = create(&store, "slow");
+        // The slow channel's only messages sit at the very start of the log.
+        publish(&store, slow, "q", 1, &[b"slow-0", b"slow-1"]);
+        for i in 0..400u64 {
+            publish(&store, fast, "p", i + 1, &[&[1u8; 900]]);
+        }
+        for (channel, offset) in [(fast, 400), (slow, 0)] {
+            store
+                .append_blocking(vec![Record::CursorCommitted {
+                    channel_id: channel,
+                    consumer: "c".into(),
+                    offset,
+                }])
+                .unwrap();
+        }
+        let disk_before = store.disk_bytes();
+        let report = store.retain(floor).unwrap();
+        assert!(report.segments_deleted >= 2, "{report:?}");
+        assert_eq!(report.batches_copied, 1, "{report:?}");
+        assert!(store.disk_bytes() < disk_before / 2);
+        let read = store.read(slow, 0, 10, u64::MAX).unwrap();
+        assert_eq!(read.len(), 2);
+        assert_eq!((read[0].offset, &read[0].payload[..]), (0, &b"slow-0"[..]));
+        assert_eq!(
+            store.with_state(|s| s.channel(slow).unwrap().first_offset),
+            0
+        );
+        (fast, slow)
+    };
+    for wipe_index in [false, true] {
+        if wipe_index {
+            std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+        }
+        let store = Store::open(dir.path(), opts()).unwrap();
+        let read = store.read(slow, 0, 10, u64::MAX).unwrap();
+        assert_eq!(
+            read.iter().map(|m| m.offset).collect::<Vec<_>>(),
+            vec![0, 1]
+        );
+        assert_eq!(&read[1].payload[..], b"slow-1");
+        store.with_state(|s| {
+            assert_eq!(s.channel(slow).unwrap().next_offset, 2);
+            assert_eq!(
+                s.channel(slow).unwrap().producers["q"].check(2),
+                SequenceCheck::Stored(1)
+            );
+            assert_eq!(s.channel(fast).unwrap().next_offset, 400);
+        });
+    }
+    // Appends continue at the head, not at the copies' offsets.
+    let store = Store::open(dir.path(), opts()).unwrap();
+    publish(&store, slow, "q", 3, &[b"slow-2"]);
+    let read = store.read(slow, 0, 10, u64::MAX).unwrap();
+    assert_eq!(
+        read.iter().map(|m| m.offset).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+}

@@ -97,6 +97,7 @@ pub fn plan_publish(
     }
     let channel = state
         .channel(channel_id)
+        .filter(|c| !c.deleting)
         .ok_or_else(|| Refusal::new(ErrorCode::CHANNEL_NOT_FOUND, "the channel was deleted"))?;
     let producer = channel.producers.get(producer_id);
     let mut duplicates = Vec::new();

@@ -468,10 +468,29 @@ impl Broker {
             RequestBody::DeleteChannel { name } => {
                 self.authorize(identity, Right::Admin, &name)?;
                 let id = self.channel_id(&name)?;
-                self.append(vec![Record::ChannelDeleted { channel_id: id }])
-                    .await?;
-                // Dropping the head sender ends the channel's consumer sessions.
-                self.heads.lock().expect("heads lock").remove(&id);
+                let (tx, rx) = oneshot::channel();
+                {
+                    let mut txn = self.store.begin();
+                    // From now on no publish is planned for it; batches queued before are
+                    // written before the deletion and go with the channel.
+                    if let Some(channel) = txn.state().channel_mut(id) {
+                        channel.deleting = true;
+                    }
+                    txn.append(
+                        vec![Record::ChannelDeleted { channel_id: id }],
+                        Box::new(move |r| drop(tx.send(r))),
+                    )
+                    .map_err(|e| self.storage_refusal(&e))?;
+                }
+                match rx.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(self.storage_refusal(&e)),
+                    Err(_) => return Err(self.storage_refusal(&StorageError::Closed)),
+                }
+                // Wake the channel's consumer sessions: they find it gone and end.
+                if let Some(heads) = self.heads.lock().expect("heads lock").remove(&id) {
+                    heads.send_modify(|_| {});
+                }
                 info!(channel = %name, "channel deleted");
                 Ok(ResponseBody::Done)
             }
@@ -1038,7 +1057,8 @@ impl Broker {
                 }
                 () = std::future::ready(()), if more => {}
                 changed = heads.changed(), if !more => {
-                    if changed.is_err() {
+                    let gone = self.store.with_state(|s| s.channel(channel_id).is_none());
+                    if changed.is_err() || gone {
                         writer.fail(ErrorCode::CHANNEL_NOT_FOUND, "the channel was deleted".into()).await;
                         break;
                     }

@@ -117,6 +117,8 @@ pub struct Channel {
     pub created_ms: u64,
     /// Whether the channel's creation record is durable.
     pub durable: bool,
+    /// Its deletion is queued: nothing more may be planned for it.
+    pub deleting: bool,
     /// Offset the next durable message gets; messages below it may be delivered.
     pub next_offset: u64,
     /// Offset the next queued message gets.
@@ -139,6 +141,7 @@ impl Channel {
             name,
             created_ms,
             durable,
+            deleting: false,
             next_offset: 0,
             pending_next: 0,
             first_offset: 0,
@@ -253,6 +256,7 @@ impl LogState {
         self.channels.retain(|_, c| c.durable);
         self.by_name.retain(|_, id| self.channels.contains_key(id));
         for channel in self.channels.values_mut() {
+            channel.deleting = false;
             channel.pending_next = channel.next_offset;
             channel
                 .producers

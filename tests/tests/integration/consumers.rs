@@ -76,3 +76,44 @@ async fn a_consumer_resumes_right_after_its_commit_and_a_second_session_is_refus
     running.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_channel_ends_its_sessions_and_a_new_one_starts_at_zero() -> Result<()> {
+    directmq_tests::init_logging();
+    let dir = tempfile::tempdir()?;
+    let running = directmq_broker::start(test_config(dir.path())).await?;
+    let c = client(running.quic_addr, dir.path()).await?;
+    let producer = c.producer("dc-a/s9", "p").await?;
+    producer.send("one").await?;
+    let mut consumer = c
+        .consumer("dc-a/s9", "dc-b", StartPosition::Earliest)
+        .await?;
+    ensure!(consumer.next().await.context("closed")??.offset == 0);
+
+    c.delete_channel("dc-a/s9").await?;
+    // The waiting consumer session is told, not left hanging.
+    let err = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .context("the consumer was not told of the deletion")?
+        .context("closed without an error")?
+        .expect_err("the channel is gone");
+    ensure!(err.code() == Some(ErrorCode::CHANNEL_NOT_FOUND), "{err}");
+    // The producer's stream refuses further messages.
+    let err = producer.send("two").await.expect_err("deleted");
+    ensure!(err.code() == Some(ErrorCode::CHANNEL_NOT_FOUND), "{err}");
+    ensure!(c.list_channels("dc-a/").await?.is_empty());
+    let err = c.delete_channel("dc-a/s9").await.expect_err("already gone");
+    ensure!(err.code() == Some(ErrorCode::CHANNEL_NOT_FOUND), "{err}");
+
+    // A channel of the same name is a new channel.
+    let again = c.producer("dc-a/s9", "p").await?;
+    ensure!(again.last_sequence().is_none());
+    ensure!(again.send("fresh").await?.offset == Some(0));
+    let mut consumer = c
+        .consumer("dc-a/s9", "dc-b", StartPosition::Earliest)
+        .await?;
+    let m = consumer.next().await.context("closed")??;
+    ensure!(m.offset == 0 && m.payload == "fresh".as_bytes());
+    running.shutdown().await;
+    Ok(())
+}

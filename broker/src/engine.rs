@@ -70,12 +70,12 @@ pub enum PublishDecision {
         duplicates: Vec<(u32, Option<u64>)>,
     },
     /// Some messages are retries of ones still waiting for their fsync: wait for what is
-    /// queued to become durable, then decide again.
-    WaitForInFlight,
+    /// queued to become durable, then decide again with the messages given back.
+    WaitForInFlight(Vec<Incoming>),
 }
 
 /// One message of a publish, as the engine sees it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Incoming {
     pub sequence: u64,
     pub message: StoredMessage,
@@ -100,15 +100,20 @@ pub fn plan_publish(
         .filter(|c| !c.deleting)
         .ok_or_else(|| Refusal::new(ErrorCode::CHANNEL_NOT_FOUND, "the channel was deleted"))?;
     let producer = channel.producers.get(producer_id);
+    let check = |sequence| producer.map_or(SequenceCheck::New, |p| p.check(sequence));
+    if messages
+        .iter()
+        .any(|m| check(m.sequence) == SequenceCheck::InFlight)
+    {
+        return Ok(PublishDecision::WaitForInFlight(messages));
+    }
     let mut duplicates = Vec::new();
     let mut fresh = Vec::with_capacity(messages.len());
     for (i, incoming) in messages.into_iter().enumerate() {
-        let check = producer.map_or(SequenceCheck::New, |p| p.check(incoming.sequence));
-        match check {
+        match check(incoming.sequence) {
             SequenceCheck::New => fresh.push(incoming),
             SequenceCheck::Stored(offset) => duplicates.push((i as u32, Some(offset))),
-            SequenceCheck::Forgotten => duplicates.push((i as u32, None)),
-            SequenceCheck::InFlight => return Ok(PublishDecision::WaitForInFlight),
+            SequenceCheck::Forgotten | SequenceCheck::InFlight => duplicates.push((i as u32, None)),
         }
     }
     if fresh.is_empty() {
@@ -291,7 +296,7 @@ mod tests {
         // Before the fsync, the retry waits.
         assert_eq!(
             plan_publish(&mut state, id, "p", msgs(&[10, 11]), 9).unwrap(),
-            PublishDecision::WaitForInFlight
+            PublishDecision::WaitForInFlight(msgs(&[10, 11]))
         );
         durable(&mut state, &record.unwrap());
         let decision = plan_publish(&mut state, id, "p", msgs(&[10, 11, 12]), 9).unwrap();

@@ -795,7 +795,7 @@ impl Broker {
         }
         let count = batch.messages.len() as u64;
         let bytes: u64 = batch.messages.iter().map(|m| m.payload.len() as u64).sum();
-        let incoming: Vec<Incoming> = batch
+        let mut incoming: Vec<Incoming> = batch
             .messages
             .into_iter()
             .map(|m| Incoming {
@@ -819,21 +819,16 @@ impl Broker {
                         "a write failed on the broker; reopen the stream and resend unacknowledged batches",
                     ));
                 }
-                let decision = engine::plan_publish(
-                    txn.state(),
-                    channel_id,
-                    producer_id,
-                    incoming.clone(),
-                    now_ms(),
-                )?;
+                let mut decision =
+                    engine::plan_publish(txn.state(), channel_id, producer_id, incoming, now_ms())?;
                 if let PublishDecision::Append {
                     record,
                     first_offset,
                     appended,
                     ..
-                } = &decision
+                } = &mut decision
                 {
-                    let end = first_offset + u64::from(*appended);
+                    let end = *first_offset + u64::from(*appended);
                     let heads = heads.clone();
                     let done: directmq_storage::Done = Box::new(move |r| {
                         if r.is_ok() {
@@ -846,7 +841,7 @@ impl Broker {
                         let _ = tx.send(r);
                     });
                     // No record: a barrier, acked once what is queued before is durable.
-                    txn.append(record.iter().cloned().collect(), done)
+                    txn.append(record.take().into_iter().collect(), done)
                         .map_err(|e| self.storage_refusal(&e))?;
                 } else {
                     // A retry of messages still waiting for their fsync.
@@ -878,8 +873,8 @@ impl Broker {
                         durable: rx,
                     });
                 }
-                PublishDecision::WaitForInFlight => match rx.await {
-                    Ok(Ok(())) => continue,
+                PublishDecision::WaitForInFlight(back) => match rx.await {
+                    Ok(Ok(())) => incoming = back,
                     Ok(Err(e)) => return Err(self.storage_refusal(&e)),
                     Err(_) => return Err(self.storage_refusal(&StorageError::Closed)),
                 },

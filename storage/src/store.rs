@@ -40,6 +40,11 @@ pub struct StoreOptions {
     pub checkpoint_bytes: u64,
     /// sled's page cache.
     pub index_cache_bytes: u64,
+    /// Bytes behind the write position kept in the OS page cache; older log pages are
+    /// dropped once fsync'd. Writing into fresh page-cache pages costs several times the
+    /// CPU of reusing dropped ones (measured: 2.75 vs 0.47 CPU-s per 768 MB of fsync'd 1 MiB
+    /// appends), and tailing consumers only need the recent window.
+    pub page_cache_window_bytes: u64,
 }
 
 impl Default for StoreOptions {
@@ -50,6 +55,7 @@ impl Default for StoreOptions {
             checkpoint_interval: Duration::from_secs(30),
             checkpoint_bytes: 256 * 1024 * 1024,
             index_cache_bytes: 32 * 1024 * 1024,
+            page_cache_window_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -221,6 +227,7 @@ impl Store {
             last_sync: Instant::now(),
             last_checkpoint: Instant::now(),
             since_checkpoint: 0,
+            cache_dropped_to: 0,
         };
         writer.checkpoint()?;
         let handle = std::thread::Builder::new()
@@ -761,6 +768,8 @@ struct Writer {
     last_sync: Instant,
     last_checkpoint: Instant,
     since_checkpoint: u64,
+    /// The active segment's page cache is dropped below this position.
+    cache_dropped_to: u64,
 }
 
 impl Writer {
@@ -987,7 +996,31 @@ impl Writer {
         metrics::histogram!(metric::FSYNC_SECONDS).record(started.elapsed().as_secs_f64());
         self.unsynced = false;
         self.last_sync = Instant::now();
+        self.drop_cache(false);
         Ok(())
+    }
+
+    /// Drops clean pages of the active segment older than the cache window (all of them
+    /// when `all`), in steps of at least 8 MiB. Only advice: failures are ignored.
+    fn drop_cache(&mut self, all: bool) {
+        let window = self.shared.options.page_cache_window_bytes;
+        let upto = if all {
+            self.len
+        } else {
+            self.len.saturating_sub(window)
+        };
+        if upto < self.cache_dropped_to + 8 * 1024 * 1024 && !(all && upto > self.cache_dropped_to)
+        {
+            return;
+        }
+        let len = std::num::NonZeroU64::new(upto - self.cache_dropped_to);
+        let _ = rustix::fs::fadvise(
+            &self.file,
+            self.cache_dropped_to,
+            len,
+            rustix::fs::Advice::DontNeed,
+        );
+        self.cache_dropped_to = upto;
     }
 
     /// Fails `group` and everything queued behind it: they were decided against pending
@@ -1044,6 +1077,8 @@ impl Writer {
 
     fn roll(&mut self) -> Result<(), StorageError> {
         self.sync()?;
+        self.drop_cache(true);
+        self.cache_dropped_to = 0;
         let next = self.id + 1;
         let file = segment::create_segment(&self.shared.log_dir, next)?;
         self.file = file;

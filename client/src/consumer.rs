@@ -8,6 +8,7 @@ use bytes::Bytes;
 use directmq_protocol::{self as proto, ErrorCode, Frame, Headers, StartPosition};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::stream::{self, Incoming};
 use crate::{Client, Error, FrameWriter};
 
 /// Messages the broker may send ahead of what the application has taken.
@@ -113,61 +114,23 @@ impl Consumer {
 
 struct Stream {
     writer: FrameWriter,
-    frames: mpsc::Receiver<Result<Frame, Error>>,
-    reader: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Stream {
-    fn drop(&mut self) {
-        self.reader.abort();
-    }
+    incoming: Incoming,
 }
 
 async fn open_stream(
     client: &Client,
     subscribe: &proto::Subscribe,
 ) -> Result<(Stream, proto::Subscribed), Error> {
-    let (mut writer, mut reader, _, _) = client.open_stream().await?;
-    writer.write(&Frame::Subscribe(subscribe.clone())).await?;
-    let subscribed = match reader.next().await? {
-        Some(Frame::Subscribed(s)) => s,
-        Some(Frame::Error(e)) => return Err(Error::from_frame(e)),
-        Some(other) => {
-            return Err(Error::Protocol(format!(
-                "expected Subscribed, got {}",
-                other.name()
-            )))
-        }
-        None => {
-            return Err(Error::Connection(
-                "the broker closed the consume stream".into(),
-            ))
-        }
+    let first = Frame::Subscribe(subscribe.clone());
+    let (writer, reader, answer, _) = stream::open(client, first, "consume").await?;
+    let Frame::Subscribed(subscribed) = answer else {
+        return Err(Error::Protocol(format!(
+            "expected Subscribed, got {}",
+            answer.name()
+        )));
     };
-    let (tx, frames) = mpsc::channel(64);
-    let reader = tokio::spawn(async move {
-        loop {
-            let item = match reader.next().await {
-                Ok(Some(frame)) => Ok(frame),
-                Ok(None) => Err(Error::Connection(
-                    "the broker closed the consume stream".into(),
-                )),
-                Err(e) => Err(e.into()),
-            };
-            let stop = item.is_err();
-            if tx.send(item).await.is_err() || stop {
-                return;
-            }
-        }
-    });
-    Ok((
-        Stream {
-            writer,
-            frames,
-            reader,
-        },
-        subscribed,
-    ))
+    let incoming = Incoming::spawn(reader, 64, "consume");
+    Ok((Stream { writer, incoming }, subscribed))
 }
 
 struct Task {
@@ -211,7 +174,7 @@ impl Task {
             }
             let stream = self.stream.as_mut().expect("opened above");
             tokio::select! {
-                frame = stream.frames.recv() => match frame {
+                frame = stream.incoming.frames.recv() => match frame {
                     Some(Ok(frame)) => {
                         if let Err(e) = self.on_frame(frame).await {
                             self.fail(e);

@@ -31,6 +31,7 @@
 mod consumer;
 pub mod net;
 mod producer;
+mod stream;
 pub mod wire;
 
 use std::net::{SocketAddr, ToSocketAddrs};

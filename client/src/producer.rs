@@ -10,6 +10,7 @@ use bytes::Bytes;
 use directmq_protocol::{self as proto, ErrorCode, Frame, Headers, PublishMessage};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
+use crate::stream::{self, Incoming};
 use crate::{Client, Error, FrameWriter};
 
 /// Tuning of a producer.
@@ -192,58 +193,26 @@ impl Producer {
 
 struct Stream {
     writer: FrameWriter,
-    frames: mpsc::Receiver<Result<Frame, Error>>,
+    incoming: Incoming,
     last_sequence: Option<u64>,
     max_message_bytes: u64,
-    reader: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Stream {
-    fn drop(&mut self) {
-        self.reader.abort();
-    }
 }
 
 async fn open_stream(client: &Client, open: &proto::OpenPublish) -> Result<Stream, Error> {
-    let (mut writer, mut reader, _, max_message_bytes) = client.open_stream().await?;
-    writer.write(&Frame::OpenPublish(open.clone())).await?;
-    let last_sequence = match reader.next().await? {
-        Some(Frame::PublishOpened(o)) => o.last_sequence,
-        Some(Frame::Error(e)) => return Err(Error::from_frame(e)),
-        Some(other) => {
-            return Err(Error::Protocol(format!(
-                "expected PublishOpened, got {}",
-                other.name()
-            )))
-        }
-        None => {
-            return Err(Error::Connection(
-                "the broker closed the publish stream".into(),
-            ))
-        }
+    let first = Frame::OpenPublish(open.clone());
+    let (writer, reader, answer, max_message_bytes) =
+        stream::open(client, first, "publish").await?;
+    let Frame::PublishOpened(opened) = answer else {
+        return Err(Error::Protocol(format!(
+            "expected PublishOpened, got {}",
+            answer.name()
+        )));
     };
-    let (tx, frames) = mpsc::channel(256);
-    let reader = tokio::spawn(async move {
-        loop {
-            let item = match reader.next().await {
-                Ok(Some(frame)) => Ok(frame),
-                Ok(None) => Err(Error::Connection(
-                    "the broker closed the publish stream".into(),
-                )),
-                Err(e) => Err(e.into()),
-            };
-            let stop = item.is_err();
-            if tx.send(item).await.is_err() || stop {
-                return;
-            }
-        }
-    });
     Ok(Stream {
         writer,
-        frames,
-        last_sequence,
+        incoming: Incoming::spawn(reader, 256, "publish"),
+        last_sequence: opened.last_sequence,
         max_message_bytes,
-        reader,
     })
 }
 
@@ -316,7 +285,7 @@ impl Task {
             };
             tokio::select! {
                 biased;
-                frame = stream.frames.recv() => {
+                frame = stream.incoming.frames.recv() => {
                     match frame {
                         Some(Ok(frame)) => {
                             if let Some(pause) = self.on_frame(frame) {

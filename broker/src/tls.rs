@@ -54,10 +54,27 @@ fn read(path: &Path) -> Result<String, TlsError> {
     })
 }
 
-fn validity(params: &mut CertificateParams, days: u32) {
-    let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::hours(1);
-    params.not_after = now + time::Duration::days(i64::from(days));
+/// When a certificate is valid.
+#[derive(Debug, Clone, Copy)]
+pub struct Validity {
+    pub not_before: time::OffsetDateTime,
+    pub not_after: time::OffsetDateTime,
+}
+
+impl Validity {
+    /// From an hour ago (allowing for clock skew) for `days` days.
+    pub fn days(days: u32) -> Validity {
+        let now = time::OffsetDateTime::now_utc();
+        Validity {
+            not_before: now - time::Duration::hours(1),
+            not_after: now + time::Duration::days(i64::from(days)),
+        }
+    }
+
+    fn apply(self, params: &mut CertificateParams) {
+        params.not_before = self.not_before;
+        params.not_after = self.not_after;
+    }
 }
 
 fn name(common_name: &str) -> DistinguishedName {
@@ -76,7 +93,7 @@ pub fn create_ca(dir: &Path, common_name: &str, days: u32) -> Result<(), TlsErro
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    validity(&mut params, days);
+    Validity::days(days).apply(&mut params);
     let key = KeyPair::generate()?;
     let cert = params.self_signed(&key)?;
     write(&dir.join("ca.pem"), &cert.pem(), false)?;
@@ -99,14 +116,14 @@ fn issue(
     common_name: &str,
     alt_names: Vec<String>,
     usage: ExtendedKeyUsagePurpose,
-    days: u32,
+    valid: Validity,
 ) -> Result<(), TlsError> {
     let (ca, ca_key) = load_ca(ca_dir)?;
     let mut params = CertificateParams::new(alt_names)?;
     params.distinguished_name = name(common_name);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![usage];
-    validity(&mut params, days);
+    valid.apply(&mut params);
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &ca, &ca_key)?;
     write(&out.join(format!("{stem}.pem")), &cert.pem(), false)?;
@@ -129,13 +146,23 @@ pub fn issue_server(
         &cn,
         names.to_vec(),
         ExtendedKeyUsagePurpose::ServerAuth,
-        days,
+        Validity::days(days),
     )
 }
 
 /// A client certificate whose common name is the identity; `out` also gets a copy of
 /// `ca.pem`, so it works as a client's `--certs` folder.
 pub fn issue_client(ca_dir: &Path, out: &Path, identity: &str, days: u32) -> Result<(), TlsError> {
+    issue_client_valid(ca_dir, out, identity, Validity::days(days))
+}
+
+/// [`issue_client`] with an explicit validity period.
+pub fn issue_client_valid(
+    ca_dir: &Path,
+    out: &Path,
+    identity: &str,
+    valid: Validity,
+) -> Result<(), TlsError> {
     issue(
         ca_dir,
         out,
@@ -143,7 +170,7 @@ pub fn issue_client(ca_dir: &Path, out: &Path, identity: &str, days: u32) -> Res
         identity,
         Vec::new(),
         ExtendedKeyUsagePurpose::ClientAuth,
-        days,
+        valid,
     )?;
     if ca_dir != out {
         write(&out.join("ca.pem"), &read(&ca_dir.join("ca.pem"))?, false)?;

@@ -58,7 +58,7 @@ pub enum Error {
     Certificates { path: PathBuf, reason: String },
     #[error("invalid broker address {addr:?}: {reason}")]
     Address { addr: String, reason: String },
-    #[error("could not reach the broker at {addr}: {reason}")]
+    #[error("could not connect to the broker at {addr}: {reason}")]
     Connect { addr: String, reason: String },
     #[error("the connection to the broker was lost: {0}")]
     Connection(String),

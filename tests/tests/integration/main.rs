@@ -6,6 +6,7 @@ mod cli;
 mod consumers;
 mod end_to_end;
 mod rebuild;
+mod security;
 
 /// The `directmq` command line under test (Cargo builds it for this test target).
 pub fn directmq_bin() -> std::path::PathBuf {

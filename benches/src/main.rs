@@ -10,24 +10,39 @@
 //!
 //! Without `--broker` it starts `directmq serve` from its own directory as a child process on
 //! a temporary data directory and kills it at the end.
+//!
+//! `--workload FILE.yaml` runs an OpenMessaging Benchmark workload (see `workload.rs`),
+//! including its backlog-then-drain ("catch-up") mode; `--probe` measures the disk's and
+//! QUIC's limits beside the result (`probe.rs`); `--report FILE.html` draws the per-second
+//! series (`report.rs`).
+
+mod probe;
+mod report;
+mod workload;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Bytes, BytesMut};
 use clap::Parser;
-use directmq_client::{Client, ClientConfig, Consumer, PendingAck, Producer, StartPosition};
+use directmq_client::{
+    Client, ClientConfig, Consumer, PendingAck, Producer, ProducerOptions, StartPosition,
+};
 use directmq_protocol::ErrorCode;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+
+use crate::probe::Probe;
+use crate::report::Series;
+use crate::workload::PayloadSpec;
 
 /// How long acks or deliveries may stop before the run is declared failed, and how long
 /// outstanding acks and consumers may take once publishing ended.
@@ -45,11 +60,25 @@ const COMMIT_EVERY: u64 = 1024;
 /// Histogram range: 1 µs to one hour, three significant digits.
 const HISTOGRAM_MAX_US: u64 = 3_600_000_000;
 
+/// How often the catch-up controller looks at the backlog.
+const CATCH_UP_POLL: Duration = Duration::from_millis(10);
+/// OMB's floor for "the backlog is drained", in messages.
+const MIN_BACKLOG_MSGS: u64 = 1000;
+/// Catch-up phases (`Ctx::phase`).
+const PHASE_RUN: u8 = 0;
+const PHASE_BUILD: u8 = 1;
+const PHASE_DRAIN: u8 = 2;
+
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "directmq-bench",
     version,
-    about = "Load benchmark for DirectMQ: publish and consume throughput, ack and end-to-end latency percentiles"
+    about = "Load benchmark for DirectMQ: publish and consume throughput, ack and end-to-end latency percentiles",
+    after_help = "Examples:\n  \
+        directmq-bench --producers 4 --channels 16 --duration 10\n  \
+        directmq-bench --rate 10000 --consumers 1 --probe --report run.html --json run.json\n  \
+        directmq-bench --workload benches/workloads/1-topic-1-partition-1kb.yaml --duration 30\n  \
+        directmq-bench --workload benches/workloads/backlog-1-topic-1-partition-1kb.yaml --backlog-gb 0.2 --duration 5"
 )]
 struct Args {
     /// Producers; each is its own client connection.
@@ -68,12 +97,15 @@ struct Args {
     /// Messages per producer; the run ends when all are acknowledged (instead of --duration).
     #[arg(long, conflicts_with = "duration", value_parser = clap::value_parser!(u64).range(1..))]
     messages: Option<u64>,
-    /// Seconds of measured publishing after the warm-up [default: 10].
+    /// Seconds of measured publishing after the warm-up [default: 10, or the workload's
+    /// testDurationMinutes]. In catch-up mode publishing lasts at least this long and until
+    /// the backlog is drained.
     #[arg(long)]
     duration: Option<f64>,
-    /// Seconds of publishing at the start that are not measured.
-    #[arg(long, default_value_t = 1.0)]
-    warmup: f64,
+    /// Seconds of publishing at the start that are not measured [default: 1, or the
+    /// workload's warmupDurationMinutes].
+    #[arg(long)]
+    warmup: Option<f64>,
     /// Target publish rate in messages per second across all producers (0: as fast as
     /// possible). Latency is then measured from each message's scheduled send time.
     #[arg(long, default_value_t = 0.0)]
@@ -81,6 +113,37 @@ struct Args {
     /// Most unacknowledged messages per producer (also capped at 256 MiB of payload).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     in_flight: u32,
+    /// Most messages per batch a producer sends (the client's
+    /// ProducerOptions.max_batch_messages) [default: the client's, 2048].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    batch: Option<u32>,
+    /// When the broker acknowledges: `fsync` (after the data is fdatasync'd) or `interval`
+    /// (before; synced on a timer). Sets DIRECTMQ_DURABILITY for the broker this tool starts;
+    /// with --broker it is only recorded in the JSON `config` (the running broker's own
+    /// setting applies) [default: the broker's, fsync].
+    #[arg(long, value_enum)]
+    durability: Option<Durability>,
+    /// Run an OpenMessaging Benchmark workload file (YAML): topics × partitionsPerTopic
+    /// channels, subscriptionsPerTopic durable consumers, topics × producersPerTopic
+    /// producers, producerRate, messageSize, payloadFile / randomized payloads,
+    /// consumerBacklogSizeGB (catch-up mode), testDurationMinutes. --duration, --warmup,
+    /// --backlog-gb, --batch, --in-flight and --durability still apply.
+    #[arg(long, conflicts_with_all = ["producers", "channels", "consumers", "message_size", "rate", "messages"])]
+    workload: Option<PathBuf>,
+    /// Catch-up mode (overrides the workload's consumerBacklogSizeGB): consumers subscribe,
+    /// stay paused while producers build a backlog of this many GB (2^30 bytes, summed over
+    /// consumers), then start; the drain rate is reported. Producers keep publishing at
+    /// --rate meanwhile (with no --rate they stop once the backlog is built).
+    #[arg(long, conflicts_with = "messages")]
+    backlog_gb: Option<f64>,
+    /// Before the run, measure the data directory's fdatasync'd append bandwidth (64 KiB and
+    /// 1 MiB writes) and one QUIC stream on loopback, and show the results as fractions of
+    /// them.
+    #[arg(long)]
+    probe: bool,
+    /// Write a self-contained HTML report (throughput and latency over time, summary).
+    #[arg(long, value_name = "FILE.html")]
+    report: Option<PathBuf>,
     /// Address of a running broker (host:port); without it a broker is started here.
     #[arg(long, requires = "certs")]
     broker: Option<String>,
@@ -100,53 +163,239 @@ struct Args {
     /// whether the broker keeps delivering without hearing from the client).
     #[arg(long)]
     no_idle_commit: bool,
-    /// With --messages: fail if publishing takes longer than this many seconds.
+    /// With --messages: fail if publishing takes longer than this many seconds. In catch-up
+    /// mode: the most seconds building the backlog may take, and then draining it. Always:
+    /// the most seconds consumers may take to receive everything once publishing ended.
     #[arg(long, default_value_t = 300.0)]
     timeout: f64,
 }
 
-impl Args {
-    fn validate(&self) -> Result<()> {
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Durability {
+    Fsync,
+    Interval,
+}
+
+impl Durability {
+    fn as_str(self) -> &'static str {
+        match self {
+            Durability::Fsync => "fsync",
+            Durability::Interval => "interval",
+        }
+    }
+}
+
+/// The catch-up mode's targets.
+#[derive(Debug, Clone, Copy)]
+struct BacklogPlan {
+    gb: f64,
+    /// The backlog to build, in messages summed over consumers.
+    target_msgs: u64,
+    /// The drain is over once the backlog is at most this (OMB: at least 1,000 messages,
+    /// or what `backlogDrainRatio` leaves).
+    empty_msgs: u64,
+    drain_ratio: f64,
+}
+
+/// The run as it will be done: flags and workload file resolved.
+struct Plan {
+    producers: u32,
+    channels: u32,
+    consumers: u32,
+    message_size: u32,
+    messages: Option<u64>,
+    duration: f64,
+    warmup: f64,
+    rate: f64,
+    in_flight: usize,
+    batch: Option<u32>,
+    idle_commit: bool,
+    timeout: f64,
+    /// What the child broker is told, or what was asked of a running one.
+    durability: Option<Durability>,
+    /// Whether `durability` reaches the broker (it does not with --broker).
+    local_broker: bool,
+    backlog: Option<BacklogPlan>,
+    /// Payloads to send in turn; `None`: generated per producer.
+    payload: Option<Arc<Vec<Vec<u8>>>>,
+    payload_what: String,
+    workload: Option<workload::Mapped>,
+    notes: Vec<String>,
+}
+
+impl Plan {
+    fn new(args: &Args) -> Result<Plan> {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get() as u32);
+        let mapped = match &args.workload {
+            Some(path) => Some(
+                workload::load(path)?
+                    .map(path, cores)
+                    .with_context(|| format!("workload {}", path.display()))?,
+            ),
+            None => None,
+        };
+        let mut notes = Vec::new();
+        let (producers, channels, consumers, message_size, rate) = match &mapped {
+            Some(m) => {
+                notes.extend(m.notes.iter().cloned());
+                (m.producers, m.channels, m.consumers, m.message_size, m.rate)
+            }
+            None => (
+                args.producers,
+                args.channels,
+                args.consumers,
+                args.message_size,
+                args.rate,
+            ),
+        };
+        let duration = args
+            .duration
+            .or(mapped.as_ref().and_then(|m| m.duration_s))
+            .unwrap_or(10.0);
+        let warmup = args
+            .warmup
+            .or(mapped.as_ref().and_then(|m| m.warmup_s))
+            .unwrap_or(1.0);
         let positive = |name: &str, v: f64, zero_ok: bool| -> Result<()> {
             if !v.is_finite() || v < 0.0 || (!zero_ok && v == 0.0) {
                 bail!("--{name} must be a positive number of seconds, not {v}");
             }
             Ok(())
         };
-        positive("duration", self.duration(), false)?;
-        positive("warmup", self.warmup, true)?;
-        positive("timeout", self.timeout, false)?;
-        if !self.rate.is_finite() || self.rate < 0.0 {
+        positive("duration", duration, false)?;
+        positive("warmup", warmup, true)?;
+        positive("timeout", args.timeout, false)?;
+        if !rate.is_finite() || rate < 0.0 {
             bail!("--rate must be 0 (as fast as possible) or a positive number of messages per second");
         }
-        Ok(())
+        let backlog_gb = match args.backlog_gb {
+            Some(gb) if !gb.is_finite() || gb <= 0.0 => {
+                bail!("--backlog-gb must be a positive number of GB, not {gb}")
+            }
+            Some(gb) => Some(gb),
+            None => mapped.as_ref().map(|m| m.backlog_gb).filter(|gb| *gb > 0.0),
+        };
+        let backlog = match backlog_gb {
+            Some(gb) => {
+                if consumers == 0 {
+                    bail!("the catch-up mode (a backlog size) needs at least one consumer (subscriptionsPerTopic)");
+                }
+                let bytes = gb * (1u64 << 30) as f64;
+                let capacity = (bytes / f64::from(message_size)).ceil() as u64;
+                let drain_ratio = mapped.as_ref().map_or(1.0, |m| m.drain_ratio);
+                let left = ((1.0 - drain_ratio) * capacity as f64) as u64;
+                if rate == 0.0 {
+                    notes.push(
+                        "catch-up at producerRate 0 (as fast as possible): producers build the backlog at full speed \
+                         and stop once it is built, so the drain measures catch-up alone"
+                            .into(),
+                    );
+                }
+                notes.push(
+                    "catch-up mode: end-to-end latency includes the time messages waited in the backlog; \
+                     the drain rate is the figure that measures catch-up"
+                        .into(),
+                );
+                Some(BacklogPlan {
+                    gb,
+                    target_msgs: capacity.max(1),
+                    empty_msgs: left.max(MIN_BACKLOG_MSGS),
+                    drain_ratio,
+                })
+            }
+            None => None,
+        };
+        let (payload, payload_what) = match mapped.as_ref().map(|m| &m.payload) {
+            Some(PayloadSpec::Pool { templates, what }) => {
+                (Some(Arc::new(templates.clone())), what.clone())
+            }
+            _ => (None, "generated, incompressible".to_owned()),
+        };
+        let by_bytes = (MAX_IN_FLIGHT_BYTES / u64::from(message_size)).max(1);
+        let in_flight = u64::from(args.in_flight).min(by_bytes) as usize;
+        let durability = args.durability.or_else(|| {
+            // The child inherits our environment: say what it will see.
+            match std::env::var("DIRECTMQ_DURABILITY").ok().as_deref() {
+                Some("fsync") => Some(Durability::Fsync),
+                Some("interval") => Some(Durability::Interval),
+                _ => None,
+            }
+        });
+        Ok(Plan {
+            producers,
+            channels,
+            consumers,
+            message_size,
+            messages: args.messages,
+            duration,
+            warmup,
+            rate,
+            in_flight,
+            batch: args.batch,
+            idle_commit: !args.no_idle_commit,
+            timeout: args.timeout,
+            durability,
+            local_broker: args.broker.is_none(),
+            backlog,
+            payload,
+            payload_what,
+            workload: mapped,
+            notes,
+        })
     }
 
-    fn duration(&self) -> f64 {
-        self.duration.unwrap_or(10.0)
+    fn durability_label(&self) -> String {
+        match (self.local_broker, self.durability) {
+            (true, Some(d)) => d.as_str().to_owned(),
+            (true, None) => "fsync (broker default)".to_owned(),
+            (false, Some(d)) => {
+                format!(
+                    "{} (recorded only: the running broker's setting applies)",
+                    d.as_str()
+                )
+            }
+            (false, None) => "as configured on the broker".to_owned(),
+        }
     }
 
-    /// Most unacknowledged messages per producer.
-    fn in_flight(&self) -> usize {
-        let by_bytes = (MAX_IN_FLIGHT_BYTES / u64::from(self.message_size)).max(1);
-        (u64::from(self.in_flight).min(by_bytes)) as usize
+    fn producer_options(&self) -> ProducerOptions {
+        let mut options = ProducerOptions::default();
+        if let Some(batch) = self.batch {
+            options.max_batch_messages = batch as usize;
+        }
+        options
     }
 
     fn config_json(&self, broker: &str) -> Value {
-        json!({
+        let mut config = json!({
             "producers": self.producers,
             "channels": self.channels,
             "consumers": self.consumers,
             "message_size": self.message_size,
             "messages": self.messages,
-            "duration_s": if self.messages.is_some() { Value::Null } else { json!(self.duration()) },
+            "duration_s": if self.messages.is_some() { Value::Null } else { json!(self.duration) },
             "warmup_s": self.warmup,
             "rate": self.rate,
-            "in_flight": self.in_flight(),
-            "idle_commit": !self.no_idle_commit,
+            "in_flight": self.in_flight,
+            "batch_max_messages": self.producer_options().max_batch_messages,
+            "idle_commit": self.idle_commit,
             "broker": broker,
-            "durability": if self.broker.is_some() { "as configured on the broker" } else { "fsync (broker default)" },
-        })
+            "durability": self.durability_label(),
+            "payload": self.payload_what,
+            "backlog_gb": self.backlog.map(|b| b.gb),
+        });
+        if let Some(b) = &self.backlog {
+            config["backlog_target_msgs"] = json!(b.target_msgs);
+            config["backlog_empty_msgs"] = json!(b.empty_msgs);
+            config["backlog_drain_ratio"] = json!(b.drain_ratio);
+        }
+        if let Some(m) = &self.workload {
+            config["workload"] = json!({
+                "file": m.path.display().to_string(),
+                "fields": serde_json::to_value(&m.workload).unwrap_or(Value::Null),
+            });
+        }
+        config
     }
 }
 
@@ -159,11 +408,17 @@ fn main() {
 }
 
 fn real_main(args: &Args) -> Result<()> {
-    args.validate()?;
+    let plan = Plan::new(args)?;
+    for note in &plan.notes {
+        eprintln!("directmq-bench: note: {note}");
+    }
     // Dropped (killed) on every way out of this function, errors included.
     let local = match &args.broker {
         Some(_) => None,
-        None => Some(LocalBroker::start(args.broker_bin.as_deref())?),
+        None => Some(LocalBroker::start(
+            args.broker_bin.as_deref(),
+            args.durability,
+        )?),
     };
     let target = match (&local, &args.broker, &args.certs) {
         (Some(b), _, _) => Target {
@@ -180,11 +435,31 @@ fn real_main(args: &Args) -> Result<()> {
         .enable_all()
         .build()
         .context("could not start the async runtime")?;
+    let probe = if args.probe {
+        let dir = match &local {
+            Some(b) => b.dir().to_owned(),
+            None => std::env::current_dir().context("could not find the current directory")?,
+        };
+        eprintln!(
+            "directmq-bench: probing fdatasync'd appends in {} and one QUIC stream on loopback",
+            dir.display()
+        );
+        let p = runtime
+            .block_on(probe::run(&dir))
+            .context("the --probe measurement failed")?;
+        eprintln!(
+            "directmq-bench: probe: disk fdatasync 64 KiB {:.0} MB/s, 1 MiB {:.0} MB/s; QUIC {:.0} MB/s",
+            p.disk_64kib_mb_per_sec, p.disk_1mib_mb_per_sec, p.quic_mb_per_sec
+        );
+        Some((p, dir))
+    } else {
+        None
+    };
     let broker_pid = local.as_ref().map(|b| b.child.id());
     let metrics_addr = local.as_ref().map(|b| b.http_addr).or(args.broker_http);
     let outcome = runtime.block_on(async {
         tokio::select! {
-            r = run(args, &target, broker_pid, metrics_addr) => r,
+            r = run(&plan, &target, broker_pid, metrics_addr) => r,
             _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
         }
     });
@@ -210,13 +485,31 @@ fn real_main(args: &Args) -> Result<()> {
     } else {
         target.addr.clone()
     };
-    print_summary(args, &report, &broker_label);
+    let probe_ref = probe.as_ref().map(|(p, dir)| (p, dir.as_path()));
+    print_summary(&plan, &report, &broker_label, probe_ref);
     if let Some(path) = &args.json {
         let mut value = report.to_json();
-        value["config"] = args.config_json(&broker_label);
+        value["config"] = plan.config_json(&broker_label);
+        if let Some((p, dir)) = probe_ref {
+            value["probe"] = probe_json(p, dir, &report);
+        }
+        value["series"] = report.series.to_json(report.message_size);
+        value["notes"] = json!(plan.notes);
         let text = serde_json::to_string_pretty(&value).expect("JSON values serialize");
         std::fs::write(path, text + "\n")
             .with_context(|| format!("could not write {}", path.display()))?;
+    }
+    if let Some(path) = &args.report {
+        let html = report::html(&report::Page {
+            title: report_title(&plan),
+            summary: summary_rows(&plan, &report, probe_ref.map(|(p, _)| p)),
+            config: config_rows(&plan, &broker_label),
+            notes: &plan.notes,
+            series: &report.series,
+        });
+        std::fs::write(path, html)
+            .with_context(|| format!("could not write {}", path.display()))?;
+        eprintln!("directmq-bench: wrote the report to {}", path.display());
     }
     Ok(())
 }
@@ -238,11 +531,11 @@ struct LocalBroker {
     certs: PathBuf,
     log: PathBuf,
     // Removed after the child is killed (fields drop after `Drop::drop` runs).
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl LocalBroker {
-    fn start(bin: Option<&Path>) -> Result<LocalBroker> {
+    fn start(bin: Option<&Path>, durability: Option<Durability>) -> Result<LocalBroker> {
         let bin = match bin {
             Some(bin) => bin.to_owned(),
             None => {
@@ -269,7 +562,11 @@ impl LocalBroker {
         let (quic_addr, http_addr) = free_ports()?;
         let log_file = std::fs::File::create(&log)
             .with_context(|| format!("could not create {}", log.display()))?;
-        let child = Command::new(&bin)
+        let mut command = Command::new(&bin);
+        if let Some(d) = durability {
+            command.env("DIRECTMQ_DURABILITY", d.as_str());
+        }
+        let child = command
             .arg("serve")
             .arg("--data")
             .arg(&data)
@@ -293,7 +590,7 @@ impl LocalBroker {
             http_addr,
             certs: data.join("certs"),
             log,
-            _dir: dir,
+            dir,
         };
         broker.wait_healthy(http_addr)?;
         eprintln!(
@@ -302,6 +599,11 @@ impl LocalBroker {
             data.display()
         );
         Ok(broker)
+    }
+
+    /// The temporary folder holding the data directory (same filesystem).
+    fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     fn wait_healthy(&mut self, http: SocketAddr) -> Result<()> {
@@ -527,7 +829,7 @@ struct Ctx {
     /// No message is scheduled at or after this instant (duration mode).
     send_end: Option<Instant>,
     /// Publishing must be over by then (message-count mode).
-    deadline: Instant,
+    deadline: Option<Instant>,
     /// Per producer, with --rate.
     interval_s: Option<f64>,
     in_flight: usize,
@@ -536,6 +838,79 @@ struct Ctx {
     /// Acknowledged messages per channel, warm-up included: what consumers must receive.
     channel_acked: Vec<AtomicU64>,
     failed: AtomicBool,
+    /// Catch-up mode: publishing goes on past `send_end` while this is set (until drained).
+    hold: AtomicBool,
+    /// Producers stop at once (catch-up at full speed once the backlog is built, or a
+    /// drain that ran out of time).
+    stop: AtomicBool,
+    /// Consumers read only once this is true (catch-up mode: once the backlog is built).
+    gate: watch::Receiver<bool>,
+    /// PHASE_RUN, PHASE_BUILD or PHASE_DRAIN.
+    phase: std::sync::atomic::AtomicU8,
+    consumers: u64,
+    /// publish→ack and publish→delivery latencies, µs: one recorder each for the whole run
+    /// (not one per channel task: 10,000 channels would mean gigabytes of histograms).
+    ack: Mutex<Recorder>,
+    e2e: Mutex<Recorder>,
+    /// With --rate: how late each measured message left after its scheduled time, µs.
+    schedule_lag: Mutex<Histogram<u64>>,
+    /// Filled once a second by the progress task.
+    series: Mutex<Series>,
+    /// Payload templates (`None`: generated per producer).
+    payload: Option<Arc<Vec<Vec<u8>>>>,
+}
+
+impl Ctx {
+    /// Acknowledged messages not yet received, summed over consumers.
+    fn backlog(&self) -> u64 {
+        let acked = self.counters.acked.load(Ordering::Relaxed);
+        let consumed = self.counters.consumed.load(Ordering::Relaxed);
+        (acked * self.consumers).saturating_sub(consumed)
+    }
+}
+
+/// A latency histogram for the measured part of the run, and one for the current second
+/// (the per-second series).
+struct Recorder {
+    measured: Histogram<u64>,
+    second: Histogram<u64>,
+}
+
+impl Recorder {
+    fn new() -> Recorder {
+        Recorder {
+            measured: histogram(),
+            second: histogram(),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Records one latency (µs); `measured`: also in the run's result (sent after the warm-up).
+fn record(r: &Mutex<Recorder>, us: u64, measured: bool) {
+    let mut r = lock(r);
+    r.second.saturating_record(us);
+    if measured {
+        r.measured.saturating_record(us);
+    }
+}
+
+/// p50 and p99 (ms) of the current second, which then starts afresh.
+fn take_second(r: &Mutex<Recorder>) -> (Option<f64>, Option<f64>) {
+    let mut r = lock(r);
+    let h = &mut r.second;
+    if h.is_empty() {
+        return (None, None);
+    }
+    let out = (
+        Some(ms(h.value_at_quantile(0.50))),
+        Some(ms(h.value_at_quantile(0.99))),
+    );
+    h.reset();
+    out
 }
 
 fn histogram() -> Histogram<u64> {
@@ -547,11 +922,8 @@ fn micros(d: Duration) -> u64 {
 }
 
 /// What the publishing side measured.
+/// (Latencies go to `Ctx::ack`, not here: these exist per channel.)
 struct PublishStats {
-    /// publish→ack latency of measured messages, µs.
-    latency: Histogram<u64>,
-    /// With --rate: how late each message left after its scheduled time, µs.
-    schedule_lag: Histogram<u64>,
     measured: u64,
     acked: u64,
     /// Acks that called a fresh message a duplicate.
@@ -564,8 +936,6 @@ struct PublishStats {
 impl PublishStats {
     fn new() -> PublishStats {
         PublishStats {
-            latency: histogram(),
-            schedule_lag: histogram(),
             measured: 0,
             acked: 0,
             duplicates: 0,
@@ -576,10 +946,6 @@ impl PublishStats {
     }
 
     fn merge(&mut self, other: PublishStats) {
-        self.latency.add(&other.latency).expect("same bounds");
-        self.schedule_lag
-            .add(&other.schedule_lag)
-            .expect("same bounds");
         self.measured += other.measured;
         self.acked += other.acked;
         self.duplicates += other.duplicates;
@@ -592,29 +958,29 @@ impl PublishStats {
 }
 
 /// What the consuming side measured.
+/// (Latencies go to `Ctx::e2e`, not here: these exist per consumer and channel.)
 struct ConsumeStats {
-    /// publish→delivery latency of measured messages, µs.
-    latency: Histogram<u64>,
     measured: u64,
     received: u64,
     last_measured: Option<Instant>,
+    last_received: Option<Instant>,
 }
 
 impl ConsumeStats {
     fn new() -> ConsumeStats {
         ConsumeStats {
-            latency: histogram(),
             measured: 0,
             received: 0,
             last_measured: None,
+            last_received: None,
         }
     }
 
     fn merge(&mut self, other: ConsumeStats) {
-        self.latency.add(&other.latency).expect("same bounds");
         self.measured += other.measured;
         self.received += other.received;
         self.last_measured = self.last_measured.max(other.last_measured);
+        self.last_received = self.last_received.max(other.last_received);
     }
 }
 
@@ -622,6 +988,12 @@ impl ConsumeStats {
 struct Report {
     message_size: u64,
     publish: PublishStats,
+    /// publish→ack latency of measured messages, µs.
+    publish_latency: Histogram<u64>,
+    /// With --rate: how late measured messages left after their scheduled time, µs.
+    schedule_lag: Histogram<u64>,
+    /// publish→delivery latency of measured messages, µs.
+    e2e_latency: Histogram<u64>,
     publish_seconds: f64,
     consume: Option<(ConsumeStats, f64)>,
     broker_cpu_cores: Option<f64>,
@@ -629,6 +1001,42 @@ struct Report {
     broker_peak_rss_mb: Option<f64>,
     /// The broker's log writer while publishing (when its /metrics was reachable).
     storage: Option<StorageReport>,
+    series: Series,
+    catch_up: Option<CatchUp>,
+}
+
+/// What the catch-up mode measured.
+#[derive(Debug, Clone, Default)]
+struct CatchUp {
+    target_msgs: u64,
+    empty_msgs: u64,
+    /// From the start until the backlog was built.
+    build_seconds: f64,
+    /// Summed over consumers, when they started.
+    backlog_at_drain_start: u64,
+    drain_seconds: f64,
+    /// Messages consumers received while draining.
+    drained_msgs: u64,
+    /// Messages acknowledged while draining.
+    published_during_drain: u64,
+    backlog_at_drain_end: u64,
+    /// Whether the backlog came down to `empty_msgs` within --timeout.
+    drained: bool,
+}
+
+impl CatchUp {
+    fn drain_msgs_per_sec(&self) -> f64 {
+        self.drained_msgs as f64 / self.drain_seconds.max(1e-6)
+    }
+
+    fn net_drain_msgs_per_sec(&self) -> f64 {
+        (self.backlog_at_drain_start as f64 - self.backlog_at_drain_end as f64)
+            / self.drain_seconds.max(1e-6)
+    }
+
+    fn publish_msgs_per_sec(&self) -> f64 {
+        self.published_during_drain as f64 / self.drain_seconds.max(1e-6)
+    }
 }
 
 /// A channel's name for this run: unique, so a rerun against a running broker starts empty.
@@ -662,13 +1070,13 @@ async fn connect(target: &Target, name: &str) -> Result<Client> {
 }
 
 async fn run(
-    args: &Args,
+    plan: &Plan,
     target: &Target,
     broker_pid: Option<u32>,
     metrics_addr: Option<SocketAddr>,
 ) -> Result<Report> {
-    let producers = args.producers as usize;
-    let channels = args.channels as usize;
+    let producers = plan.producers as usize;
+    let channels = plan.channels as usize;
     let run_id = format!(
         "{:x}",
         SystemTime::now()
@@ -680,6 +1088,7 @@ async fn run(
 
     // Set-up: connections, publish streams (which create the channels), then consumers.
     let control = connect(target, "control").await?;
+    let options = plan.producer_options();
     let mut producer_sets = Vec::new();
     for p in 0..producers {
         let client = connect(target, &format!("p{p}")).await?;
@@ -687,8 +1096,11 @@ async fn run(
         for ch in channels_of(p, producers, channels) {
             let client = client.clone();
             let names = names.clone();
+            let options = options.clone();
             opening.spawn(async move {
-                let producer = client.producer(&names[ch], &format!("p{p}")).await;
+                let producer = client
+                    .producer_with(&names[ch], &format!("p{p}"), options)
+                    .await;
                 (ch, producer)
             });
         }
@@ -703,7 +1115,7 @@ async fn run(
         producer_sets.push((client, handles));
     }
     let mut consumer_sessions = Vec::new();
-    for c in 0..args.consumers as usize {
+    for c in 0..plan.consumers as usize {
         let client = connect(target, &format!("c{c}")).await?;
         let mut opening = JoinSet::new();
         for ch in 0..channels {
@@ -743,22 +1155,40 @@ async fn run(
         drop(client);
     }
 
-    let clock = Clock::new(Duration::from_secs_f64(args.warmup));
+    let clock = Clock::new(Duration::from_secs_f64(plan.warmup));
+    // Consumers are subscribed; in catch-up mode they stay paused until the backlog is built.
+    let (gate_tx, gate_rx) = watch::channel(plan.backlog.is_none());
     let ctx = Arc::new(Ctx {
         clock,
-        message_size: args.message_size as usize,
-        messages: args.messages,
-        send_end: args
+        message_size: plan.message_size as usize,
+        messages: plan.messages,
+        send_end: plan
             .messages
             .is_none()
-            .then(|| clock.warmup_end + Duration::from_secs_f64(args.duration())),
-        deadline: clock.start + Duration::from_secs_f64(args.warmup.max(0.0) + args.timeout),
-        interval_s: (args.rate > 0.0).then(|| producers as f64 / args.rate),
-        in_flight: args.in_flight(),
-        idle_commit: !args.no_idle_commit,
+            .then(|| clock.warmup_end + Duration::from_secs_f64(plan.duration)),
+        deadline: plan
+            .messages
+            .map(|_| clock.start + Duration::from_secs_f64(plan.warmup + plan.timeout)),
+        interval_s: (plan.rate > 0.0).then(|| producers as f64 / plan.rate),
+        in_flight: plan.in_flight,
+        idle_commit: plan.idle_commit,
         counters: Counters::default(),
         channel_acked: (0..channels).map(|_| AtomicU64::new(0)).collect(),
         failed: AtomicBool::new(false),
+        hold: AtomicBool::new(plan.backlog.is_some()),
+        stop: AtomicBool::new(false),
+        gate: gate_rx,
+        phase: std::sync::atomic::AtomicU8::new(if plan.backlog.is_some() {
+            PHASE_BUILD
+        } else {
+            PHASE_RUN
+        }),
+        consumers: u64::from(plan.consumers),
+        ack: Mutex::new(Recorder::new()),
+        e2e: Mutex::new(Recorder::new()),
+        schedule_lag: Mutex::new(histogram()),
+        series: Mutex::new(Series::default()),
+        payload: plan.payload.clone(),
     });
     let scrape = move || async move {
         match metrics_addr {
@@ -773,7 +1203,14 @@ async fn run(
     let broker_cpu = || broker_pid.and_then(|pid| cpu_seconds(&pid.to_string()));
     let cpu_start = (broker_cpu(), cpu_seconds("self"), Instant::now());
 
-    let progress = tokio::spawn(progress(ctx.clone(), args.consumers > 0));
+    let (progress_done, progress_done_rx) = tokio::sync::oneshot::channel();
+    let progress = tokio::spawn(progress(ctx.clone(), plan.consumers > 0, progress_done_rx));
+    // Every task that must not outlive a failed run.
+    let stop_all = |progress: &tokio::task::JoinHandle<()>| {
+        ctx.failed.store(true, Ordering::Relaxed);
+        ctx.stop.store(true, Ordering::Relaxed);
+        progress.abort();
+    };
 
     let targets: Vec<watch::Sender<Option<u64>>> =
         (0..channels).map(|_| watch::channel(None).0).collect();
@@ -787,6 +1224,18 @@ async fn run(
             ctx.clone(),
         ));
     }
+    let mut controller = JoinSet::new();
+    if let Some(backlog) = plan.backlog {
+        controller.spawn(catch_up(
+            ctx.clone(),
+            gate_tx,
+            backlog,
+            plan.rate == 0.0,
+            Duration::from_secs_f64(plan.timeout),
+        ));
+    } else {
+        drop(gate_tx);
+    }
     let mut publishing = JoinSet::new();
     for (p, (client, handles)) in producer_sets.into_iter().enumerate() {
         publishing.spawn(produce(p, client, handles, ctx.clone()));
@@ -794,7 +1243,8 @@ async fn run(
 
     let mut publish = PublishStats::new();
     let mut consume_stats = ConsumeStats::new();
-    // Until every producer is done; a failing consumer stops the run at once.
+    let mut catch_up_result: Option<CatchUp> = None;
+    // Until every producer is done; a failing consumer or controller stops the run at once.
     let failure = loop {
         tokio::select! {
             joined = publishing.join_next() => match joined {
@@ -808,20 +1258,26 @@ async fn run(
                 Ok(Err(e)) => break Some(e),
                 Err(e) => break Some(anyhow!("a consumer task failed: {e}")),
             },
+            Some(joined) = controller.join_next() => match joined {
+                Ok(Ok(result)) => catch_up_result = Some(result),
+                Ok(Err(e)) => break Some(e),
+                Err(e) => break Some(anyhow!("the catch-up controller failed: {e}")),
+            },
         }
     };
     if let Some(e) = failure {
-        ctx.failed.store(true, Ordering::Relaxed);
+        stop_all(&progress);
         publishing.abort_all();
         consumers.abort_all();
-        progress.abort();
+        controller.abort_all();
         return Err(e);
     }
     let cpu_end = (broker_cpu(), cpu_seconds("self"), Instant::now());
     let storage_end = scrape().await;
     if publish.errors > 0 {
+        stop_all(&progress);
         consumers.abort_all();
-        progress.abort();
+        controller.abort_all();
         bail!(
             "{} of {} publishes failed; the first error: {}",
             publish.errors,
@@ -830,6 +1286,9 @@ async fn run(
         );
     }
     if publish.duplicates > 0 {
+        stop_all(&progress);
+        consumers.abort_all();
+        controller.abort_all();
         bail!(
             "the broker answered {} freshly sequenced messages as duplicates: they were not stored",
             publish.duplicates
@@ -849,8 +1308,9 @@ async fn run(
             .find(|info| info.name == names[ch])
             .map_or(0, |info| info.head);
         if head < acked {
+            stop_all(&progress);
             consumers.abort_all();
-            progress.abort();
+            controller.abort_all();
             bail!(
                 "the broker acknowledged {acked} messages on {} but holds only {head}: {} acknowledged messages are missing",
                 names[ch],
@@ -859,23 +1319,75 @@ async fn run(
         }
         tx.send_replace(Some(acked));
     }
-    while let Some(joined) = consumers.join_next().await {
-        match joined.context("a consumer task panicked")? {
-            Ok(stats) => consume_stats.merge(stats),
-            Err(e) => {
+    // Consumers now receive up to what was acknowledged; bounded by --timeout overall (and
+    // each fails by itself after STALL_LIMIT without progress).
+    let finish_by = tokio::time::Instant::now() + Duration::from_secs_f64(plan.timeout);
+    loop {
+        match tokio::time::timeout_at(finish_by, consumers.join_next()).await {
+            Ok(None) => break,
+            Ok(Some(joined)) => match joined.context("a consumer task panicked")? {
+                Ok(stats) => consume_stats.merge(stats),
+                Err(e) => {
+                    stop_all(&progress);
+                    consumers.abort_all();
+                    controller.abort_all();
+                    return Err(e);
+                }
+            },
+            Err(_) => {
+                stop_all(&progress);
                 consumers.abort_all();
-                progress.abort();
-                return Err(e);
+                controller.abort_all();
+                bail!(
+                    "consumers had not received every acknowledged message {} s after publishing ended (--timeout)",
+                    plan.timeout
+                );
             }
         }
     }
-    progress.abort();
+    // The controller notices the end of the drain within CATCH_UP_POLL once consumers are
+    // done (the backlog is 0 then).
+    if let Ok(Some(joined)) =
+        tokio::time::timeout(Duration::from_secs(2), controller.join_next()).await
+    {
+        match joined {
+            Ok(Ok(result)) => catch_up_result = Some(result),
+            Ok(Err(e)) => {
+                progress.abort();
+                return Err(e);
+            }
+            Err(e) => {
+                progress.abort();
+                bail!("the catch-up controller failed: {e}");
+            }
+        }
+    }
+    controller.abort_all();
+    if plan.backlog.is_some() && catch_up_result.is_none() {
+        progress.abort();
+        bail!("the catch-up controller did not report the drain");
+    }
+    // The last, partial second, then the series is complete.
+    let _ = progress_done.send(());
+    let abort = progress.abort_handle();
+    if tokio::time::timeout(Duration::from_secs(2), progress)
+        .await
+        .is_err()
+    {
+        abort.abort();
+    }
+    let series = std::mem::take(
+        &mut *ctx
+            .series
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
     let _ = tokio::time::timeout(Duration::from_secs(2), control.close()).await;
 
     if publish.measured == 0 {
         bail!(
             "no message was measured: the run ended within the {} s warm-up; raise --messages or lower --warmup",
-            args.warmup
+            plan.warmup
         );
     }
     let publish_seconds = publish
@@ -884,7 +1396,7 @@ async fn run(
             t.saturating_duration_since(clock.warmup_end).as_secs_f64()
         })
         .max(1e-6);
-    let consume = (args.consumers > 0).then(|| {
+    let consume = (plan.consumers > 0).then(|| {
         let seconds = consume_stats
             .last_measured
             .map_or(0.0, |t| {
@@ -899,8 +1411,15 @@ async fn run(
         .as_secs_f64()
         .max(1e-6);
     let cores = |a: Option<f64>, b: Option<f64>| Some((b? - a?) / wall);
+    let take = |m: &Mutex<Histogram<u64>>| std::mem::replace(&mut *lock(m), histogram());
+    let publish_latency = std::mem::replace(&mut lock(&ctx.ack).measured, histogram());
+    let e2e_latency = std::mem::replace(&mut lock(&ctx.e2e).measured, histogram());
+    let schedule_lag = take(&ctx.schedule_lag);
     Ok(Report {
-        message_size: u64::from(args.message_size),
+        message_size: u64::from(plan.message_size),
+        publish_latency,
+        e2e_latency,
+        schedule_lag,
         publish,
         publish_seconds,
         consume,
@@ -910,7 +1429,104 @@ async fn run(
         storage: storage_start
             .zip(storage_end)
             .map(|(a, b)| StorageReport::between(a, b, wall)),
+        series,
+        catch_up: catch_up_result,
     })
+}
+
+/// The catch-up mode: waits until producers built the backlog, lets consumers start, and
+/// measures until the backlog is drained (then lets producers end once --duration is over).
+/// Bounded: each phase may last `limit`.
+async fn catch_up(
+    ctx: Arc<Ctx>,
+    gate: watch::Sender<bool>,
+    plan: BacklogPlan,
+    full_speed: bool,
+    limit: Duration,
+) -> Result<CatchUp> {
+    let mut result = CatchUp {
+        target_msgs: plan.target_msgs,
+        empty_msgs: plan.empty_msgs,
+        ..CatchUp::default()
+    };
+    let polls = (limit.as_secs_f64() / CATCH_UP_POLL.as_secs_f64()).ceil() as u64 + 1;
+    // Build.
+    let start = ctx.clock.start;
+    let mut built = false;
+    for _ in 0..polls {
+        if ctx.backlog() >= plan.target_msgs {
+            built = true;
+            break;
+        }
+        if start.elapsed() > limit {
+            break;
+        }
+        tokio::time::sleep(CATCH_UP_POLL).await;
+    }
+    if !built {
+        bail!(
+            "the backlog of {} messages ({:.2} GB) was not built within {} s (--timeout): {} messages acknowledged",
+            plan.target_msgs,
+            plan.gb,
+            limit.as_secs_f64(),
+            ctx.counters.acked.load(Ordering::Relaxed)
+        );
+    }
+    let drain_start = Instant::now();
+    result.build_seconds = drain_start.duration_since(start).as_secs_f64();
+    result.backlog_at_drain_start = ctx.backlog();
+    let consumed_at_start = ctx.counters.consumed.load(Ordering::Relaxed);
+    let acked_at_start = ctx.counters.acked.load(Ordering::Relaxed);
+    if full_speed {
+        ctx.stop.store(true, Ordering::Relaxed);
+    }
+    ctx.phase.store(PHASE_DRAIN, Ordering::Relaxed);
+    gate.send_replace(true);
+    eprintln!(
+        "directmq-bench: backlog of {} messages built in {:.1} s; consumers start{}",
+        thousands(result.backlog_at_drain_start),
+        result.build_seconds,
+        if full_speed {
+            " and producers stop"
+        } else {
+            ""
+        }
+    );
+    // Drain.
+    let mut drained = false;
+    for _ in 0..polls {
+        if ctx.backlog() <= plan.empty_msgs {
+            drained = true;
+            break;
+        }
+        if drain_start.elapsed() > limit {
+            break;
+        }
+        tokio::time::sleep(CATCH_UP_POLL).await;
+    }
+    let end = Instant::now();
+    result.drain_seconds = end.duration_since(drain_start).as_secs_f64();
+    result.drained_msgs = ctx.counters.consumed.load(Ordering::Relaxed) - consumed_at_start;
+    result.published_during_drain = ctx.counters.acked.load(Ordering::Relaxed) - acked_at_start;
+    result.backlog_at_drain_end = ctx.backlog();
+    result.drained = drained;
+    ctx.phase.store(PHASE_RUN, Ordering::Relaxed);
+    if drained {
+        eprintln!(
+            "directmq-bench: backlog drained in {:.1} s ({} msg/s consumed)",
+            result.drain_seconds,
+            thousands(result.drain_msgs_per_sec().round() as u64)
+        );
+    } else {
+        eprintln!(
+            "directmq-bench: the backlog was not drained within {} s (--timeout); {} messages left",
+            limit.as_secs_f64(),
+            thousands(result.backlog_at_drain_end)
+        );
+        ctx.stop.store(true, Ordering::Relaxed);
+    }
+    ctx.hold.store(false, Ordering::Relaxed);
+    Ok(result)
 }
 
 /// A message waiting for its ack.
@@ -923,35 +1539,46 @@ struct Pending {
 
 /// Payloads carved out of large shared buffers: one allocation per MiB, not per message.
 struct Payloads {
-    template: Vec<u8>,
+    /// Used in turn.
+    templates: Arc<Vec<Vec<u8>>>,
+    next: usize,
     buf: BytesMut,
 }
 
 impl Payloads {
-    fn new(size: usize, seed: u64) -> Payloads {
-        // xorshift: incompressible bytes without a dependency.
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let template = (0..size)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+    /// `shared` templates (a workload's payload file or randomized pool), or one generated
+    /// from `seed` of `size` bytes.
+    fn new(shared: Option<Arc<Vec<Vec<u8>>>>, size: usize, seed: u64) -> Payloads {
+        let templates = shared.unwrap_or_else(|| {
+            // xorshift: incompressible bytes without a dependency.
+            let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            let template = (0..size)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            Arc::new(vec![template])
+        });
         Payloads {
-            template,
+            // Producers start at different templates of a pool.
+            next: seed as usize % templates.len().max(1),
+            templates,
             buf: BytesMut::new(),
         }
     }
 
     /// A payload whose first 8 bytes are `send_us` (little endian).
     fn next(&mut self, send_us: u64) -> Bytes {
-        let size = self.template.len();
+        let template = &self.templates[self.next];
+        self.next = (self.next + 1) % self.templates.len();
+        let size = template.len();
         if self.buf.capacity() < size {
             self.buf.reserve(size.max(1024 * 1024));
         }
-        self.buf.extend_from_slice(&self.template);
+        self.buf.extend_from_slice(template);
         self.buf[..8].copy_from_slice(&send_us.to_le_bytes());
         self.buf.split().freeze()
     }
@@ -972,8 +1599,10 @@ async fn produce(
         collectors.push(tokio::spawn(collect_acks(rx, *ch, ctx.clone())));
     }
     let mut stats = PublishStats::new();
-    let mut payloads = Payloads::new(ctx.message_size, p as u64 + 1);
+    let mut payloads = Payloads::new(ctx.payload.clone(), ctx.message_size, p as u64 + 1);
     let limit = ctx.messages.unwrap_or(u64::MAX);
+    // One per producer, merged into `Ctx::schedule_lag` at the end.
+    let mut schedule_lag = histogram();
     let mut i = 0u64;
     while i < limit {
         let now = Instant::now();
@@ -981,13 +1610,13 @@ async fn produce(
             Some(interval) => ctx.clock.start + Duration::from_secs_f64(interval * i as f64),
             None => now,
         };
-        if ctx.send_end.is_some_and(|end| scheduled >= end) {
+        if ctx.send_end.is_some_and(|end| scheduled >= end) && !ctx.hold.load(Ordering::Relaxed) {
             break;
         }
-        if now >= ctx.deadline {
+        if ctx.deadline.is_some_and(|deadline| now >= deadline) {
             bail!("producer p{p} had published {i} of {limit} messages when --timeout ran out");
         }
-        if ctx.failed.load(Ordering::Relaxed) {
+        if ctx.failed.load(Ordering::Relaxed) || ctx.stop.load(Ordering::Relaxed) {
             break;
         }
         if scheduled > now {
@@ -1014,9 +1643,7 @@ async fn produce(
             .await
             .with_context(|| format!("producer p{p} could not publish to channel #{ch}"))?;
         if ctx.interval_s.is_some() && sent >= ctx.clock.warmup_end {
-            stats
-                .schedule_lag
-                .saturating_record(micros(now.saturating_duration_since(scheduled)));
+            schedule_lag.saturating_record(micros(now.saturating_duration_since(scheduled)));
         }
         if senders[k].send(Pending { sent, ack, permit }).is_err() {
             bail!("producer p{p}: the ack collector stopped");
@@ -1025,6 +1652,9 @@ async fn produce(
         i += 1;
     }
     drop(senders);
+    lock(&ctx.schedule_lag)
+        .add(&schedule_lag)
+        .expect("same bounds");
     let drained_by = tokio::time::Instant::now() + STALL_LIMIT;
     for collector in collectors {
         let abort = collector.abort_handle();
@@ -1065,11 +1695,14 @@ async fn collect_acks(
                 } else {
                     ctx.channel_acked[ch].fetch_add(1, Ordering::Relaxed);
                 }
-                if sent >= ctx.clock.warmup_end {
+                let measured = sent >= ctx.clock.warmup_end;
+                record(
+                    &ctx.ack,
+                    micros(now.saturating_duration_since(sent)),
+                    measured,
+                );
+                if measured {
                     stats.measured += 1;
-                    stats
-                        .latency
-                        .saturating_record(micros(now.saturating_duration_since(sent)));
                     stats.last_measured_ack = Some(now);
                 }
             }
@@ -1099,6 +1732,14 @@ async fn consume(
     // each message received pushes this back.
     let mut deadline: Option<tokio::time::Instant> = None;
     let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+    // Catch-up mode: subscribed, but paused until the backlog is built (the controller opens
+    // the gate, or fails the run, within --timeout).
+    let mut gate = ctx.gate.clone();
+    while !*gate.borrow_and_update() {
+        if gate.changed().await.is_err() {
+            bail!("the run was stopped");
+        }
+    }
     loop {
         let goal = *target.borrow_and_update();
         if let Some(goal) = goal {
@@ -1116,17 +1757,17 @@ async fn consume(
                         deadline = Some(tokio::time::Instant::from_std(now) + STALL_LIMIT);
                     }
                     stats.received += 1;
+                    stats.last_received = Some(now);
                     ctx.counters.consumed.fetch_add(1, Ordering::Relaxed);
                     let mut stamp = [0u8; 8];
                     if m.payload.len() >= 8 {
                         stamp.copy_from_slice(&m.payload[..8]);
                     }
                     let sent_us = u64::from_le_bytes(stamp);
-                    if sent_us >= warmup_end_us {
+                    let measured = sent_us >= warmup_end_us;
+                    record(&ctx.e2e, ctx.clock.epoch_us(now).saturating_sub(sent_us), measured);
+                    if measured {
                         stats.measured += 1;
-                        stats
-                            .latency
-                            .saturating_record(ctx.clock.epoch_us(now).saturating_sub(sent_us));
                         stats.last_measured = Some(now);
                     }
                     next = m.offset + 1;
@@ -1173,39 +1814,89 @@ async fn consume(
     Ok(stats)
 }
 
-/// Prints one line a second to stderr until aborted (and at most for a day).
-async fn progress(ctx: Arc<Ctx>, consumers: bool) {
+/// Prints one line a second to stderr and records the per-second series, until `done`
+/// (then it records the last, partial interval) or aborted (and at most for a week).
+async fn progress(ctx: Arc<Ctx>, consumers: bool, mut done: tokio::sync::oneshot::Receiver<()>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     let mut last = (0u64, 0u64, 0u64);
+    let mut last_t = ctx.clock.start;
     let mb = ctx.message_size as f64 / 1e6;
-    for _ in 0..86_400 {
-        tick.tick().await;
+    for _ in 0..7 * 86_400 {
+        let last_round = tokio::select! {
+            _ = tick.tick() => false,
+            _ = &mut done => true,
+        };
         let c = &ctx.counters;
         let now = (
             c.sent.load(Ordering::Relaxed),
             c.acked.load(Ordering::Relaxed),
             c.consumed.load(Ordering::Relaxed),
         );
-        let elapsed = ctx.clock.start.elapsed().as_secs_f64();
-        let phase = if Instant::now() < ctx.clock.warmup_end {
-            " (warm-up)"
-        } else {
-            ""
+        let t = Instant::now();
+        let dt = t.duration_since(last_t).as_secs_f64().max(1e-3);
+        if last_round && dt < 0.2 {
+            // Too short to be a rate worth plotting.
+            return;
+        }
+        let elapsed = t.duration_since(ctx.clock.start).as_secs_f64();
+        let phase = match ctx.phase.load(Ordering::Relaxed) {
+            PHASE_BUILD => "build",
+            PHASE_DRAIN => "drain",
+            // The second as a whole: by its middle.
+            _ if last_t + t.duration_since(last_t) / 2 < ctx.clock.warmup_end => "warmup",
+            _ => "run",
         };
-        let acked = now.1 - last.1;
+        let label = match phase {
+            "build" => " (building the backlog)",
+            "drain" => " (catching up)",
+            "warmup" => " (warm-up)",
+            _ => "",
+        };
+        let per_sec = |a: u64, b: u64| (a - b) as f64 / dt;
+        let sent = per_sec(now.0, last.0);
+        let acked = per_sec(now.1, last.1);
+        let consumed = per_sec(now.2, last.2);
+        let (ack_p50, ack_p99) = take_second(&ctx.ack);
+        let (e2e_p50, e2e_p99) = take_second(&ctx.e2e);
+        let backlog = ctx.backlog();
+        {
+            let mut s = ctx
+                .series
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            s.t_s.push(elapsed);
+            s.sent_msgs_per_sec.push(sent);
+            s.publish_msgs_per_sec.push(acked);
+            s.consume_msgs_per_sec.push(consumed);
+            s.ack_p50_ms.push(ack_p50);
+            s.ack_p99_ms.push(ack_p99);
+            s.e2e_p50_ms.push(e2e_p50);
+            s.e2e_p99_ms.push(e2e_p99);
+            s.backlog_msgs.push(backlog);
+            s.phase.push(phase);
+        }
         let mut line = format!(
-            "[{elapsed:6.1}s] sent {:>9}/s  acked {:>9}/s ({:7.1} MB/s)  in flight {:>7}",
-            thousands(now.0 - last.0),
-            thousands(acked),
-            acked as f64 * mb,
+            "[{elapsed:6.1}s] sent {:>9}/s  acked {:>9}/s ({:7.1} MB/s)  in flight {:>7}  ack p99 {:>7} ms",
+            thousands(sent.round() as u64),
+            thousands(acked.round() as u64),
+            acked * mb,
             thousands(now.0.saturating_sub(now.1)),
+            ack_p99.map_or("-".to_owned(), |v| format!("{v:.2}")),
         );
         if consumers {
-            line += &format!("  consumed {:>9}/s", thousands(now.2 - last.2));
+            line += &format!(
+                "  consumed {:>9}/s  backlog {:>9}",
+                thousands(consumed.round() as u64),
+                thousands(backlog)
+            );
         }
-        eprintln!("{line}{phase}");
+        eprintln!("{line}{label}");
+        if last_round {
+            return;
+        }
         last = now;
+        last_t = t;
     }
 }
 
@@ -1271,7 +1962,7 @@ impl Report {
                 "mb_per_sec": pub_mb,
                 "messages": self.publish.measured,
                 "seconds": self.publish_seconds,
-                "latency_ms": latency_json(&self.publish.latency),
+                "latency_ms": latency_json(&self.publish_latency),
             },
             "end_to_end": { "latency_ms": Value::Null },
             "consume": { "msgs_per_sec": Value::Null, "mb_per_sec": Value::Null },
@@ -1290,37 +1981,69 @@ impl Report {
                 "mb_written_per_sec": st.mb_written_per_sec,
             });
         }
-        if !self.publish.schedule_lag.is_empty() {
-            value["publish"]["schedule_lag_ms"] = latency_json(&self.publish.schedule_lag);
+        if !self.schedule_lag.is_empty() {
+            value["publish"]["schedule_lag_ms"] = latency_json(&self.schedule_lag);
         }
         if let Some((stats, seconds)) = &self.consume {
             let (msgs, mb) = self.rates(stats.measured, *seconds);
-            value["end_to_end"]["latency_ms"] = latency_json(&stats.latency);
+            value["end_to_end"]["latency_ms"] = latency_json(&self.e2e_latency);
             value["consume"] = json!({
                 "msgs_per_sec": msgs,
                 "mb_per_sec": mb,
                 "messages": stats.measured,
                 "seconds": seconds,
+                "max_backlog_msgs": self.series.backlog_msgs.iter().max().copied().unwrap_or(0),
+            });
+        }
+        if let Some(cu) = &self.catch_up {
+            let mb = self.message_size as f64 / 1e6;
+            value["catch_up"] = json!({
+                "target_backlog_msgs": cu.target_msgs,
+                "empty_backlog_msgs": cu.empty_msgs,
+                "build_seconds": cu.build_seconds,
+                "backlog_at_drain_start_msgs": cu.backlog_at_drain_start,
+                "backlog_at_drain_start_mb": cu.backlog_at_drain_start as f64 * mb,
+                "drain_seconds": cu.drain_seconds,
+                "drained_msgs": cu.drained_msgs,
+                "drain_msgs_per_sec": cu.drain_msgs_per_sec(),
+                "drain_mb_per_sec": cu.drain_msgs_per_sec() * mb,
+                "net_drain_msgs_per_sec": cu.net_drain_msgs_per_sec(),
+                "publish_msgs_per_sec_while_draining": cu.publish_msgs_per_sec(),
+                "backlog_at_drain_end_msgs": cu.backlog_at_drain_end,
+                "drained": cu.drained,
             });
         }
         value
     }
 }
 
-fn print_summary(args: &Args, report: &Report, broker: &str) {
-    let length = match args.messages {
+fn print_summary(plan: &Plan, report: &Report, broker: &str, probe: Option<(&Probe, &Path)>) {
+    let length = match plan.messages {
         Some(n) => format!("{n} messages per producer"),
-        None => format!("{} s", args.duration()),
+        None => format!("{} s", plan.duration),
     };
-    let rate = if args.rate > 0.0 {
-        format!("{} msg/s target", args.rate)
+    let rate = if plan.rate > 0.0 {
+        format!("{} msg/s target", plan.rate)
     } else {
         "max rate".to_owned()
     };
     println!(
-        "directmq-bench: {} producer(s), {} channel(s), {} consumer(s), {} B messages, {rate}, {length} after a {} s warm-up; broker {broker}",
-        args.producers, args.channels, args.consumers, args.message_size, args.warmup
+        "directmq-bench: {} producer(s), {} channel(s), {} consumer(s), {} B messages, {rate}, {length} after a {} s warm-up; batch ≤ {} msgs; durability {}; broker {broker}",
+        plan.producers,
+        plan.channels,
+        plan.consumers,
+        plan.message_size,
+        plan.warmup,
+        plan.producer_options().max_batch_messages,
+        plan.durability_label(),
     );
+    if let Some(m) = &plan.workload {
+        println!(
+            "workload     {} ({})",
+            m.workload.name.as_deref().unwrap_or("unnamed"),
+            m.path.display()
+        );
+    }
     let (msgs, mb) = report.rates(report.publish.measured, report.publish_seconds);
     println!(
         "publish      {:>12} msg/s  {:9.1} MB/s  ({} messages in {:.2} s)",
@@ -1329,11 +2052,11 @@ fn print_summary(args: &Args, report: &Report, broker: &str) {
         thousands(report.publish.measured),
         report.publish_seconds
     );
-    println!("ack latency  ms: {}", latency_line(&report.publish.latency));
-    if !report.publish.schedule_lag.is_empty() {
+    println!("ack latency  ms: {}", latency_line(&report.publish_latency));
+    if !report.schedule_lag.is_empty() {
         println!(
             "send lag     ms: {}  (how late sends left their schedule)",
-            latency_line(&report.publish.schedule_lag)
+            latency_line(&report.schedule_lag)
         );
     }
     if let Some((stats, seconds)) = &report.consume {
@@ -1345,7 +2068,33 @@ fn print_summary(args: &Args, report: &Report, broker: &str) {
             thousands(stats.measured),
             seconds
         );
-        println!("end-to-end   ms: {}", latency_line(&stats.latency));
+        println!("end-to-end   ms: {}", latency_line(&report.e2e_latency));
+    }
+    if let Some(cu) = &report.catch_up {
+        let mb = report.message_size as f64 / 1e6;
+        println!(
+            "catch-up     backlog {} msgs ({:.1} MB) built in {:.1} s; drained {} msgs in {:.2} s{}",
+            thousands(cu.backlog_at_drain_start),
+            cu.backlog_at_drain_start as f64 * mb,
+            cu.build_seconds,
+            thousands(cu.drained_msgs),
+            cu.drain_seconds,
+            if cu.drained {
+                String::new()
+            } else {
+                format!(
+                    " — NOT drained within --timeout, {} msgs left",
+                    thousands(cu.backlog_at_drain_end)
+                )
+            }
+        );
+        println!(
+            "drain rate   {:>12} msg/s  {:9.1} MB/s  consumed while catching up (net backlog reduction {} msg/s; producers {} msg/s meanwhile)",
+            thousands(cu.drain_msgs_per_sec().round() as u64),
+            cu.drain_msgs_per_sec() * mb,
+            thousands(cu.net_drain_msgs_per_sec().max(0.0).round() as u64),
+            thousands(cu.publish_msgs_per_sec().round() as u64),
+        );
     }
     let mut machine = Vec::new();
     if let Some(c) = report.broker_cpu_cores {
@@ -1366,4 +2115,261 @@ fn print_summary(args: &Args, report: &Report, broker: &str) {
             st.fsyncs_per_sec, st.mb_per_fsync, st.fsync_ms_mean, st.appends_per_group, st.mb_written_per_sec
         );
     }
+    if let Some((p, dir)) = probe {
+        println!(
+            "probe        disk fdatasync'd appends: 64 KiB {:.0} MB/s, 1 MiB {:.0} MB/s (in {}); QUIC one stream on loopback {:.0} MB/s",
+            p.disk_64kib_mb_per_sec,
+            p.disk_1mib_mb_per_sec,
+            dir.display(),
+            p.quic_mb_per_sec
+        );
+        for (what, value, limit) in fractions(p, report) {
+            println!(
+                "of limit     {what} {value:.1} MB/s = {:.0}% of {limit}",
+                value / limit_value(p, limit) * 100.0
+            );
+        }
+    }
+    for note in &plan.notes {
+        println!("note         {note}");
+    }
+}
+
+/// The limits a figure is compared with.
+#[derive(Clone, Copy)]
+enum Limit {
+    Disk1MiB,
+    Disk64KiB,
+    Quic,
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Limit::Disk1MiB => "disk fdatasync 1 MiB",
+            Limit::Disk64KiB => "disk fdatasync 64 KiB",
+            Limit::Quic => "QUIC",
+        })
+    }
+}
+
+fn limit_value(p: &Probe, limit: Limit) -> f64 {
+    match limit {
+        Limit::Disk1MiB => p.disk_1mib_mb_per_sec,
+        Limit::Disk64KiB => p.disk_64kib_mb_per_sec,
+        Limit::Quic => p.quic_mb_per_sec,
+    }
+    .max(1e-9)
+}
+
+/// (figure, MB/s, limit) for each DirectMQ figure worth comparing with the probe.
+fn fractions(_p: &Probe, report: &Report) -> Vec<(&'static str, f64, Limit)> {
+    let (_, publish_mb) = report.rates(report.publish.measured, report.publish_seconds);
+    let mut out = vec![
+        ("publish", publish_mb, Limit::Disk1MiB),
+        ("publish", publish_mb, Limit::Disk64KiB),
+        ("publish", publish_mb, Limit::Quic),
+    ];
+    if let Some((stats, seconds)) = &report.consume {
+        let (_, mb) = report.rates(stats.measured, *seconds);
+        out.push(("consume", mb, Limit::Quic));
+    }
+    if let Some(cu) = &report.catch_up {
+        out.push((
+            "drain",
+            cu.drain_msgs_per_sec() * report.message_size as f64 / 1e6,
+            Limit::Quic,
+        ));
+    }
+    out
+}
+
+fn probe_json(p: &Probe, dir: &Path, report: &Report) -> Value {
+    let mut fraction = serde_json::Map::new();
+    for (what, value, limit) in fractions(p, report) {
+        let key = match limit {
+            Limit::Disk1MiB => format!("{what}_of_disk_fdatasync_1mib"),
+            Limit::Disk64KiB => format!("{what}_of_disk_fdatasync_64kib"),
+            Limit::Quic => format!("{what}_of_quic"),
+        };
+        fraction.insert(key, json!(value / limit_value(p, limit)));
+    }
+    json!({
+        "disk_fdatasync_64kib_mb_per_sec": p.disk_64kib_mb_per_sec,
+        "disk_fdatasync_1mib_mb_per_sec": p.disk_1mib_mb_per_sec,
+        "quic_mb_per_sec": p.quic_mb_per_sec,
+        "dir": dir.display().to_string(),
+        "fraction": fraction,
+    })
+}
+
+fn report_title(plan: &Plan) -> String {
+    match &plan.workload {
+        Some(m) => format!(
+            "directmq-bench: {}",
+            m.workload
+                .name
+                .clone()
+                .unwrap_or_else(|| m.path.display().to_string())
+        ),
+        None => format!(
+            "directmq-bench: {} producer(s), {} channel(s), {} consumer(s), {} B, {}",
+            plan.producers,
+            plan.channels,
+            plan.consumers,
+            plan.message_size,
+            if plan.rate > 0.0 {
+                format!("{} msg/s", plan.rate)
+            } else {
+                "max rate".to_owned()
+            }
+        ),
+    }
+}
+
+fn latency_summary(h: &Histogram<u64>) -> String {
+    format!(
+        "p50 {:.2} · p99 {:.2} · p99.9 {:.2} · max {:.2} ms",
+        ms(h.value_at_quantile(0.5)),
+        ms(h.value_at_quantile(0.99)),
+        ms(h.value_at_quantile(0.999)),
+        ms(h.max())
+    )
+}
+
+fn summary_rows(plan: &Plan, report: &Report, probe: Option<&Probe>) -> Vec<(String, String)> {
+    let mut rows = Vec::new();
+    let (msgs, mb) = report.rates(report.publish.measured, report.publish_seconds);
+    rows.push((
+        "publish".to_owned(),
+        format!("{} msg/s, {mb:.1} MB/s", thousands(msgs.round() as u64)),
+    ));
+    rows.push((
+        "publish → ack".to_owned(),
+        latency_summary(&report.publish_latency),
+    ));
+    if let Some((stats, seconds)) = &report.consume {
+        let (msgs, mb) = report.rates(stats.measured, *seconds);
+        rows.push((
+            "consume".to_owned(),
+            format!("{} msg/s, {mb:.1} MB/s", thousands(msgs.round() as u64)),
+        ));
+        rows.push((
+            "end to end".to_owned(),
+            latency_summary(&report.e2e_latency),
+        ));
+    }
+    if let Some(cu) = &report.catch_up {
+        let size = report.message_size as f64 / 1e6;
+        rows.push((
+            "backlog built".to_owned(),
+            format!(
+                "{} msgs ({:.0} MB) in {:.1} s",
+                thousands(cu.backlog_at_drain_start),
+                cu.backlog_at_drain_start as f64 * size,
+                cu.build_seconds
+            ),
+        ));
+        rows.push((
+            "drain rate".to_owned(),
+            format!(
+                "{} msg/s, {:.1} MB/s over {:.2} s{}",
+                thousands(cu.drain_msgs_per_sec().round() as u64),
+                cu.drain_msgs_per_sec() * size,
+                cu.drain_seconds,
+                if cu.drained { "" } else { " (not drained)" }
+            ),
+        ));
+    }
+    if let Some(c) = report.broker_cpu_cores {
+        rows.push(("broker CPU".to_owned(), format!("{c:.2} cores")));
+    }
+    if let Some(c) = report.bench_cpu_cores {
+        rows.push(("bench CPU".to_owned(), format!("{c:.2} cores")));
+    }
+    if let Some(m) = report.broker_peak_rss_mb {
+        rows.push(("broker peak RSS".to_owned(), format!("{m:.0} MB")));
+    }
+    if let Some(st) = &report.storage {
+        rows.push((
+            "broker log".to_owned(),
+            format!(
+                "{:.0} fsyncs/s, {:.3} MB per fsync",
+                st.fsyncs_per_sec, st.mb_per_fsync
+            ),
+        ));
+    }
+    if let Some(p) = probe {
+        rows.push((
+            "probe: disk".to_owned(),
+            format!(
+                "fdatasync'd 64 KiB {:.0} MB/s, 1 MiB {:.0} MB/s",
+                p.disk_64kib_mb_per_sec, p.disk_1mib_mb_per_sec
+            ),
+        ));
+        rows.push((
+            "probe: QUIC".to_owned(),
+            format!("{:.0} MB/s", p.quic_mb_per_sec),
+        ));
+        for (what, value, limit) in fractions(p, report) {
+            rows.push((
+                format!("{what} ÷ {limit}"),
+                format!("{:.0}%", value / limit_value(p, limit) * 100.0),
+            ));
+        }
+    }
+    let _ = plan;
+    rows
+}
+
+fn config_rows(plan: &Plan, broker: &str) -> Vec<(String, String)> {
+    let mut rows = Vec::new();
+    if let Some(m) = &plan.workload {
+        rows.push(("workload".to_owned(), m.path.display().to_string()));
+    }
+    rows.push(("producers".to_owned(), plan.producers.to_string()));
+    rows.push(("channels".to_owned(), plan.channels.to_string()));
+    rows.push(("consumers".to_owned(), plan.consumers.to_string()));
+    rows.push((
+        "message size".to_owned(),
+        format!("{} B", plan.message_size),
+    ));
+    rows.push(("payload".to_owned(), plan.payload_what.clone()));
+    rows.push((
+        "rate".to_owned(),
+        if plan.rate > 0.0 {
+            format!("{} msg/s", plan.rate)
+        } else {
+            "as fast as possible".to_owned()
+        },
+    ));
+    rows.push((
+        "length".to_owned(),
+        match plan.messages {
+            Some(n) => format!("{n} messages per producer"),
+            None => format!("{} s after a {} s warm-up", plan.duration, plan.warmup),
+        },
+    ));
+    rows.push((
+        "batch / in flight".to_owned(),
+        format!(
+            "≤ {} msgs per batch, ≤ {} msgs unacknowledged per producer",
+            plan.producer_options().max_batch_messages,
+            plan.in_flight
+        ),
+    ));
+    rows.push(("durability".to_owned(), plan.durability_label()));
+    if let Some(b) = &plan.backlog {
+        rows.push((
+            "catch-up".to_owned(),
+            format!(
+                "backlog {} GB ({} msgs), drained at ≤ {} msgs",
+                b.gb,
+                thousands(b.target_msgs),
+                thousands(b.empty_msgs)
+            ),
+        ));
+    }
+    rows.push(("broker".to_owned(), broker.to_owned()));
+    rows
 }

@@ -100,6 +100,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Wait until a consumer has committed, on every channel under a prefix, the head each
+    /// channel had when the command started (the switchover barrier).
+    WaitInSync {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        consumer: String,
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Give up after this long, e.g. 30s, 2m, 1h.
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Duration,
+    },
     /// Create or delete a channel.
     Channel {
         #[command(subcommand)]
@@ -258,6 +271,12 @@ async fn run(command: Command) -> Result<()> {
         } => consume(conn, channel, consumer, parse_position(&from)?, count, json).await,
         Command::Channels { conn, prefix, json } => channels(conn, prefix, json).await,
         Command::Status { conn, prefix, json } => status(conn, prefix, json).await,
+        Command::WaitInSync {
+            conn,
+            consumer,
+            prefix,
+            timeout,
+        } => wait_in_sync(conn, consumer, prefix, timeout).await,
         Command::Channel { action } => match action {
             ChannelAction::Create { conn, name } => {
                 conn.connect().await?.create_channel(&name).await?;
@@ -288,6 +307,25 @@ async fn run(command: Command) -> Result<()> {
         }
         Command::Certs { action } => certs(action),
     }
+}
+
+/// Durations as written everywhere on the command line: `500ms`, `30s`, `2m`, `1h`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration; write it like 30s, 2m or 500ms"))?;
+    let unit_ms = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return Err(format!("{text:?} has no known unit; use ms, s, m or h")),
+    };
+    Ok(Duration::from_millis(n.saturating_mul(unit_ms)))
 }
 
 fn parse_position(text: &str) -> Result<StartPosition> {
@@ -519,6 +557,76 @@ async fn status(conn: Conn, prefix: String, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+async fn wait_in_sync(
+    conn: Conn,
+    consumer: String,
+    prefix: String,
+    timeout: Duration,
+) -> Result<()> {
+    let started = tokio::time::Instant::now();
+    let client = conn.connect().await?;
+    // The barrier: every head that exists now.
+    let targets: Vec<(String, u64)> = client
+        .status(&prefix)
+        .await?
+        .into_iter()
+        .map(|s| (s.channel.name, s.channel.head))
+        .collect();
+    eprintln!(
+        "waiting for consumer {consumer} to commit the current head of {} channel(s) under {prefix:?}",
+        targets.len()
+    );
+    let mut last_report = tokio::time::Instant::now();
+    loop {
+        let now: std::collections::HashMap<String, u64> = client
+            .status(&prefix)
+            .await?
+            .into_iter()
+            .map(|s| {
+                let committed = s
+                    .consumers
+                    .iter()
+                    .find(|c| c.name == consumer)
+                    .map_or(0, |c| c.committed);
+                (s.channel.name, committed)
+            })
+            .collect();
+        let behind: Vec<(&str, u64)> = targets
+            .iter()
+            // A channel deleted meanwhile has nothing left to replicate.
+            .filter_map(|(name, head)| {
+                now.get(name)
+                    .map(|c| (name.as_str(), head.saturating_sub(*c)))
+            })
+            .filter(|(_, lag)| *lag > 0)
+            .collect();
+        let remaining: u64 = behind.iter().map(|(_, lag)| lag).sum();
+        if behind.is_empty() {
+            eprintln!(
+                "consumer {consumer} is in sync on {} channel(s)",
+                targets.len()
+            );
+            client.close().await;
+            return Ok(());
+        }
+        if started.elapsed() >= timeout {
+            let worst = behind
+                .iter()
+                .max_by_key(|(_, lag)| *lag)
+                .map_or("", |(n, _)| n);
+            bail!(
+                "timed out after {timeout:?}: consumer {consumer} is still {remaining} messages behind on {} channel(s) (most on {worst})",
+                behind.len()
+            );
+        }
+        if last_report.elapsed() >= Duration::from_secs(1) {
+            eprintln!("{remaining} messages to go on {} channel(s)", behind.len());
+            last_report = tokio::time::Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn certs(action: CertsAction) -> Result<()> {

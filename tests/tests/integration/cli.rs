@@ -87,3 +87,89 @@ fn serve_publish_consume_work_from_a_fresh_directory() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_in_sync_returns_once_every_starting_head_is_committed() -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    use std::time::Duration;
+
+    use anyhow::Context;
+    use directmq_client::StartPosition;
+    use directmq_tests::{client, test_config};
+
+    let dir = tempfile::tempdir()?;
+    let running = directmq_broker::start(test_config(dir.path())).await?;
+    let c = client(running.quic_addr, dir.path()).await?;
+    for channel in ["dc-a/s1", "dc-a/s2"] {
+        let p = c.producer(channel, "p").await?;
+        for i in 0..3 {
+            p.send(format!("m{i}")).await?;
+        }
+    }
+    let s1 = c
+        .consumer("dc-a/s1", "dc-b", StartPosition::Earliest)
+        .await?;
+    s1.commit(3).await?;
+    let s2 = c
+        .consumer("dc-a/s2", "dc-b", StartPosition::Earliest)
+        .await?;
+    s2.commit(1).await?;
+    let (addr, certs) = (running.quic_addr.to_string(), dir.path().join("certs"));
+    let args = move |timeout: &str| {
+        let mut cmd = Command::new(directmq_bin());
+        cmd.args([
+            "wait-in-sync",
+            "--consumer",
+            "dc-b",
+            "--prefix",
+            "dc-a/",
+            "--timeout",
+            timeout,
+        ])
+        .arg("--broker")
+        .arg(&addr)
+        .arg("--certs")
+        .arg(&certs);
+        cmd
+    };
+
+    // Behind: it times out and says by how much.
+    let mut behind = args("1s");
+    let out = tokio::task::spawn_blocking(move || behind.output()).await??;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "{stderr}");
+    ensure!(
+        stderr.contains("still 2 messages behind on 1 channel(s) (most on dc-a/s2)"),
+        "{stderr}"
+    );
+
+    // A waiter takes the heads when it starts; messages published later are not awaited.
+    let mut waiter = args("60s").stderr(Stdio::piped()).spawn()?;
+    let stderr = waiter.stderr.take().context("piped")?;
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let lines = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.starts_with("waiting for consumer") {
+                let _ = started_tx.send(());
+            }
+            all.push(line);
+        }
+        all
+    });
+    tokio::task::spawn_blocking(move || started_rx.recv_timeout(Duration::from_secs(30))).await??;
+    let p = c.producer("dc-a/s2", "p").await?;
+    p.send("after the barrier").await?;
+    s2.commit(3).await?;
+    let status = tokio::task::spawn_blocking(move || waiter.wait()).await??;
+    let lines = lines.join().expect("reader thread");
+    ensure!(status.success(), "{lines:?}");
+    ensure!(
+        lines
+            .iter()
+            .any(|l| l.contains("is in sync on 2 channel(s)")),
+        "{lines:?}"
+    );
+    running.shutdown().await;
+    Ok(())
+}

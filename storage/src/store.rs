@@ -370,33 +370,30 @@ impl Store {
         Ok(file)
     }
 
-    /// Payload bytes and the number of batches of a channel at offsets `[from, ..)`, counted
-    /// at batch granularity (a partly consumed batch counts whole), and the timestamp of the
-    /// batch holding `from`.
+    /// Payload bytes of a channel's messages at offsets `[from, ..)`, and the broker time of
+    /// the message at `from` (the oldest not consumed), for lag reporting. Exact: a batch
+    /// that `from` splits is read to subtract the messages before it.
     pub fn backlog(&self, channel_id: u64, from: u64) -> Result<(u64, Option<u64>), StorageError> {
-        let mut bytes = 0;
-        let mut oldest = None;
-        let mut next = from;
-        loop {
-            let entries = if oldest.is_none() {
-                self.shared
-                    .index
-                    .find(channel_id, next)?
-                    .into_iter()
-                    .collect()
-            } else {
-                self.shared.index.scan(channel_id, next, 256)?
-            };
-            if entries.is_empty() {
-                break;
-            }
-            for e in entries {
-                oldest.get_or_insert(e.timestamp_ms);
-                bytes += e.bytes;
-                next = e.end_offset();
-            }
+        let Some(first) = self.shared.index.find(channel_id, from)? else {
+            return Ok((0, None));
+        };
+        let mut bytes = first.bytes;
+        if first.base_offset < from {
+            let batch = self.read_batch(&first)?;
+            let consumed = (from - first.base_offset) as usize;
+            bytes -= batch.messages[..consumed.min(batch.messages.len())]
+                .iter()
+                .map(|m| m.payload.len() as u64)
+                .sum::<u64>();
         }
-        Ok((bytes, oldest))
+        let mut next = first.end_offset();
+        loop {
+            let entries = self.shared.index.scan(channel_id, next, 256)?;
+            let Some(last) = entries.last() else { break };
+            next = last.end_offset();
+            bytes += entries.iter().map(|e| e.bytes).sum::<u64>();
+        }
+        Ok((bytes, Some(first.timestamp_ms)))
     }
 
     /// Deletes every closed segment that holds only messages below their channel's floor.

@@ -541,3 +541,17 @@ fn a_slow_channel_is_compacted_forward_instead_of_pinning_old_segments() {
         vec![0, 1, 2]
     );
 }
+
+#[test]
+fn backlog_bytes_are_exact_inside_a_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    let a = create(&store, "a");
+    publish(&store, a, "p", 1, &[b"1", b"22", b"333"]);
+    publish(&store, a, "p", 4, &[b"4444"]);
+    assert_eq!(store.backlog(a, 0).unwrap(), (10, Some(1000)));
+    assert_eq!(store.backlog(a, 1).unwrap(), (9, Some(1000)));
+    assert_eq!(store.backlog(a, 2).unwrap(), (7, Some(1000)));
+    assert_eq!(store.backlog(a, 3).unwrap(), (4, Some(1003)));
+    assert_eq!(store.backlog(a, 4).unwrap(), (0, None));
+}

@@ -26,6 +26,14 @@ async fn a_consumer_resumes_right_after_its_commit_and_a_second_session_is_refus
         ensure!(m.offset == want && m.payload == format!("m{want}").as_bytes());
     }
     session.commit(4).await?;
+    // Lag is exact: six messages of two bytes each, and the session is active.
+    let status = producer_client.status("t").await?;
+    let dc_b = &status[0].consumers[0];
+    ensure!(
+        dc_b.name == "dc-b" && dc_b.committed == 4 && dc_b.active,
+        "{dc_b:?}"
+    );
+    ensure!(dc_b.lag_messages == 6 && dc_b.lag_bytes == 12, "{dc_b:?}");
 
     // While the first session is connected, a second one is refused with a clear error.
     let second = client(addr, dir.path()).await?;

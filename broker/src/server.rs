@@ -80,11 +80,6 @@ impl Broker {
         &self.config
     }
 
-    /// Replaces the ACL (on reload).
-    pub fn set_acl(&self, acl: Acl) {
-        *self.acl.write().expect("acl lock") = Arc::new(acl);
-    }
-
     fn acl(&self) -> Arc<Acl> {
         self.acl.read().expect("acl lock").clone()
     }

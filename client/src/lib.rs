@@ -177,14 +177,12 @@ struct Conn {
     connection: quinn::Connection,
     control: Mutex<(FrameWriter, FrameReader)>,
     hello: proto::HelloOk,
-    generation: u64,
 }
 
 struct Inner {
     config: ClientConfig,
     endpoint: quinn::Endpoint,
     conn: Mutex<Option<Arc<Conn>>>,
-    generation: AtomicU64,
     next_request: AtomicU64,
 }
 
@@ -226,7 +224,6 @@ impl Client {
                 config,
                 endpoint,
                 conn: Mutex::new(None),
-                generation: AtomicU64::new(0),
                 next_request: AtomicU64::new(1),
             }),
         };
@@ -298,7 +295,6 @@ impl Client {
             connection,
             control: Mutex::new((writer, reader)),
             hello,
-            generation: self.inner.generation.fetch_add(1, Ordering::Relaxed) + 1,
         })
     }
 
@@ -319,7 +315,7 @@ impl Client {
                     *slot = Some(conn.clone());
                     return Ok(conn);
                 }
-                Err(e) if slot.is_none() && self.inner.generation.load(Ordering::Relaxed) == 0 => {
+                Err(e) if slot.is_none() => {
                     // The very first connection: report at once instead of retrying forever.
                     return Err(e);
                 }
@@ -340,15 +336,14 @@ impl Client {
         }
     }
 
-    /// Opens a stream on the live connection, reconnecting if needed; returns the
-    /// connection generation so callers can tell a new connection from the old one.
-    pub(crate) async fn open_stream(&self) -> Result<(FrameWriter, FrameReader, u64, u64), Error> {
+    /// Opens a stream on the live connection, reconnecting if needed; also returns the
+    /// broker's largest message size.
+    pub(crate) async fn open_stream(&self) -> Result<(FrameWriter, FrameReader, u64), Error> {
         let conn = self.connection().await?;
         match conn.connection.open_bi().await {
             Ok((send, recv)) => Ok((
                 FrameWriter::new(send),
                 FrameReader::new(recv, conn.hello.max_frame_bytes),
-                conn.generation,
                 conn.hello.max_message_bytes,
             )),
             Err(e) => Err(e.into()),

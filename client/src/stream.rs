@@ -13,7 +13,7 @@ pub(crate) async fn open(
     first: Frame,
     what: &'static str,
 ) -> Result<(FrameWriter, FrameReader, Frame, u64), Error> {
-    let (mut writer, mut reader, _, max_message_bytes) = client.open_stream().await?;
+    let (mut writer, mut reader, max_message_bytes) = client.open_stream().await?;
     writer.write(&first).await?;
     match reader.next().await? {
         Some(Frame::Error(e)) => Err(Error::from_frame(e)),

@@ -67,8 +67,6 @@ pub enum StorageError {
     Poisoned,
     #[error("storage is closed")]
     Closed,
-    #[error("offset {offset} is no longer retained (first retained offset is {first})")]
-    NotRetained { offset: u64, first: u64 },
     #[error("index error: {0}")]
     Index(#[from] sled::Error),
 }

@@ -51,6 +51,30 @@ pub struct Config {
     pub retention_interval_ms: u64,
     /// Connections idle this long are closed.
     pub idle_timeout_ms: u64,
+    /// A consumer with lag whose commit has not moved for this long is reported stalled.
+    pub stalled_after_ms: u64,
+    /// Per-channel settings by name prefix (`[[channel]]` tables); the longest matching
+    /// prefix wins, unset keys fall back to the broker-wide value.
+    #[serde(rename = "channel")]
+    pub channels: Vec<ChannelOverride>,
+}
+
+/// Settings for the channels under one prefix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelOverride {
+    /// Channel-name prefix (`""` matches every channel).
+    pub prefix: String,
+    pub durability: Option<DurabilityMode>,
+    /// At most the broker-wide `max_message_bytes`, which sizes the frame limit.
+    pub max_message_bytes: Option<u64>,
+}
+
+/// The settings that apply to one channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelSettings {
+    pub durability: directmq_storage::Durability,
+    pub max_message_bytes: u64,
 }
 
 impl Default for Config {
@@ -72,6 +96,8 @@ impl Default for Config {
             max_connections: 10_000,
             retention_interval_ms: 10_000,
             idle_timeout_ms: 30_000,
+            stalled_after_ms: 60_000,
+            channels: Vec::new(),
         }
     }
 }
@@ -119,7 +145,7 @@ impl Config {
                 })?;
                 toml::from_str(&text).map_err(|e| ConfigError::Parse {
                     path: path.to_owned(),
-                    message: e.to_string(),
+                    message: one_line(&text, &e),
                 })?
             }
             None => Config::default(),
@@ -202,7 +228,62 @@ impl Config {
                 "must be at least 1000",
             );
         }
+        if self.stalled_after_ms == 0 {
+            return invalid("stalled_after_ms", 0, "must be positive");
+        }
+        let mut prefixes = std::collections::HashSet::new();
+        for c in &self.channels {
+            if let Err(e) = directmq_protocol::validate_prefix(&c.prefix) {
+                return Err(ConfigError::Invalid {
+                    key: "channel.prefix",
+                    value: c.prefix.clone(),
+                    reason: e.to_string(),
+                });
+            }
+            if !prefixes.insert(c.prefix.as_str()) {
+                return Err(ConfigError::Invalid {
+                    key: "channel.prefix",
+                    value: c.prefix.clone(),
+                    reason: "appears in more than one [[channel]] table".into(),
+                });
+            }
+            if let Some(max) = c.max_message_bytes {
+                if max == 0 || max > self.max_message_bytes {
+                    return invalid(
+                        "channel.max_message_bytes",
+                        max,
+                        "must be between 1 and the broker-wide max_message_bytes",
+                    );
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The settings for channel `name`: its longest matching `[[channel]]` prefix over the
+    /// broker-wide values.
+    pub fn channel_settings(&self, name: &str) -> ChannelSettings {
+        let o = self
+            .channels
+            .iter()
+            .filter(|c| name.starts_with(&c.prefix))
+            .max_by_key(|c| c.prefix.len());
+        let durability = o.and_then(|o| o.durability).unwrap_or(self.durability);
+        ChannelSettings {
+            durability: self.storage_durability(durability),
+            max_message_bytes: o
+                .and_then(|o| o.max_message_bytes)
+                .unwrap_or(self.max_message_bytes),
+        }
+    }
+
+    fn storage_durability(&self, mode: DurabilityMode) -> directmq_storage::Durability {
+        match mode {
+            DurabilityMode::Fsync => directmq_storage::Durability::Fsync,
+            DurabilityMode::Interval => directmq_storage::Durability::Interval(
+                Duration::from_millis(self.fsync_interval_ms),
+            ),
+        }
     }
 
     pub fn certs_dir(&self) -> PathBuf {
@@ -238,14 +319,41 @@ impl Config {
     pub fn store_options(&self) -> directmq_storage::StoreOptions {
         directmq_storage::StoreOptions {
             segment_bytes: self.segment_bytes,
-            durability: match self.durability {
-                DurabilityMode::Fsync => directmq_storage::Durability::Fsync,
-                DurabilityMode::Interval => directmq_storage::Durability::Interval(
-                    Duration::from_millis(self.fsync_interval_ms),
-                ),
-            },
+            durability: self.storage_durability(self.durability),
             ..directmq_storage::StoreOptions::default()
         }
+    }
+}
+
+/// A TOML error as one sentence with its line and column (toml's own rendering spans
+/// several lines with a source excerpt).
+fn one_line(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim().replace('\n', " ");
+    let Some(span) = e.span() else {
+        return message;
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before.len() - line_start + 1;
+    // Name the key: the `key = ...` of the line, under its `[table]` if any.
+    let line_text = text[line_start..].lines().next().unwrap_or("");
+    let key = line_text
+        .split_once('=')
+        .map(|(k, _)| k.trim())
+        .filter(|k| !k.is_empty() && !k.starts_with('['));
+    let table = before
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
+    match (table, key) {
+        (Some(table), Some(key)) => {
+            format!("line {line}, column {column}: {table}.{key}: {message}")
+        }
+        (None, Some(key)) => format!("line {line}, column {column}: {key}: {message}"),
+        _ => format!("line {line}, column {column}: {message}"),
     }
 }
 
@@ -300,5 +408,45 @@ mod tests {
             err.to_string().contains("max_message_bytes") || err.to_string().contains("invalid"),
             "{err}"
         );
+        std::fs::write(&file, "[[channel]]\nprefix = \"a//\"\n").unwrap();
+        let err = Config::load(Some(&file), |_| None, &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("channel.prefix"), "{err}");
+        std::fs::write(
+            &file,
+            "[[channel]]\nprefix = \"a/\"\nmax_message_bytes = 0\n",
+        )
+        .unwrap();
+        let err = Config::load(Some(&file), |_| None, &Overrides::default()).unwrap_err();
+        assert!(
+            err.to_string().contains("channel.max_message_bytes"),
+            "{err}"
+        );
+        std::fs::write(&file, "[[channel]]\nprefix = \"a/\"\nretain = 1\n").unwrap();
+        let err = Config::load(Some(&file), |_| None, &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("retain"), "{err}");
+    }
+
+    #[test]
+    fn the_longest_matching_channel_prefix_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "max_message_bytes = 1000\n\
+             [[channel]]\nprefix = \"dc-a/\"\ndurability = \"interval\"\nmax_message_bytes = 500\n\
+             [[channel]]\nprefix = \"dc-a/logs/\"\nmax_message_bytes = 100\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&file), |_| None, &Overrides::default()).unwrap();
+        let fsync = directmq_storage::Durability::Fsync;
+        let interval = directmq_storage::Durability::Interval(Duration::from_millis(100));
+        let s = c.channel_settings("dc-b/x");
+        assert_eq!((s.durability, s.max_message_bytes), (fsync, 1000));
+        let s = c.channel_settings("dc-a/x");
+        assert_eq!((s.durability, s.max_message_bytes), (interval, 500));
+        // The longer prefix sets only the size; durability comes from the broker default,
+        // not from the shorter prefix.
+        let s = c.channel_settings("dc-a/logs/1");
+        assert_eq!((s.durability, s.max_message_bytes), (fsync, 100));
     }
 }

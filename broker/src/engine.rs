@@ -173,11 +173,14 @@ pub fn plan_subscribe(
     ))
 }
 
-/// The offset a start position means now, clamped to the retained range.
+/// The offset a start position means now, clamped to the retained range. Message times
+/// live in the index, not in the state: the shell turns a [`StartPosition::Timestamp`] into
+/// an offset first (`Store::offset_at_time`); one that reaches here means "nothing that old
+/// or newer is known" and starts at the head.
 pub fn start_offset(channel: &Channel, start: StartPosition) -> u64 {
     match start {
         StartPosition::Earliest => channel.first_offset,
-        StartPosition::Latest => channel.next_offset,
+        StartPosition::Latest | StartPosition::Timestamp(_) => channel.next_offset,
         StartPosition::Offset(o) => o.clamp(channel.first_offset, channel.next_offset),
     }
 }

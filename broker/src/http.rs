@@ -9,17 +9,29 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// Runs before each `/metrics` render, to set gauges computed on demand.
+pub type Refresh = Arc<dyn Fn() + Send + Sync>;
+
 /// Serves until the listener fails or the task is dropped.
-pub async fn serve(listener: TcpListener, ready: Arc<AtomicBool>, metrics: PrometheusHandle) {
+pub async fn serve(
+    listener: TcpListener,
+    ready: Arc<AtomicBool>,
+    metrics: PrometheusHandle,
+    refresh: Refresh,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let ready = ready.clone();
         let metrics = metrics.clone();
+        let refresh = refresh.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), handle(stream, &ready, &metrics))
-                .await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                handle(stream, &ready, &metrics, &refresh),
+            )
+            .await;
         });
     }
 }
@@ -28,6 +40,7 @@ async fn handle(
     mut stream: TcpStream,
     ready: &AtomicBool,
     metrics: &PrometheusHandle,
+    refresh: &Refresh,
 ) -> std::io::Result<()> {
     let mut buf = vec![0u8; 8192];
     let mut len = 0;
@@ -65,6 +78,9 @@ async fn handle(
             .await
         }
         ("GET", "/metrics") => {
+            // Lag gauges read the index; keep that off the runtime's worker threads.
+            let refresh = refresh.clone();
+            let _ = tokio::task::spawn_blocking(move || refresh()).await;
             let body = metrics.render();
             respond(&mut stream, "200 OK", "text/plain; version=0.0.4", &body).await
         }

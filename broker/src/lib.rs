@@ -151,8 +151,18 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             source,
         })?;
     let handle = metrics::install();
+    metrics::register_all();
     let ready = Arc::new(AtomicBool::new(false));
-    let http = tokio::spawn(http::serve(http_listener, ready.clone(), handle));
+    let serving: Arc<std::sync::OnceLock<Arc<Broker>>> = Arc::default();
+    let refresh: http::Refresh = {
+        let serving = serving.clone();
+        Arc::new(move || {
+            if let Some(broker) = serving.get() {
+                broker.refresh_gauges();
+            }
+        })
+    };
+    let http = tokio::spawn(http::serve(http_listener, ready.clone(), handle, refresh));
     let data = config.data.clone();
     let store_options = config.store_options();
     let store =
@@ -161,6 +171,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             .expect("store open does not panic")?;
     let store = Arc::new(store);
     let broker = Broker::new(config, store, acl);
+    let _ = serving.set(broker.clone());
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(broker.clone().run(endpoint, async move {
         let _ = rx.await;

@@ -72,7 +72,7 @@ enum Command {
         /// Durable consumer name.
         #[arg(long)]
         consumer: String,
-        /// Where a new consumer starts: earliest, latest or an offset.
+        /// Where a new consumer starts: earliest, latest, an offset, or a time (RFC 3339 or @ms).
         #[arg(long, default_value = "earliest")]
         from: String,
         /// Stop after this many messages.
@@ -82,7 +82,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List channels.
+    /// List channels; with --watch, then report each one created or deleted.
     Channels {
         #[command(flatten)]
         conn: Conn,
@@ -90,15 +90,25 @@ enum Command {
         prefix: String,
         #[arg(long)]
         json: bool,
+        /// Keep running and print every channel created or deleted under the prefix.
+        #[arg(long)]
+        watch: bool,
     },
-    /// Show every channel's consumers and their lag.
+    /// Show every channel's consumers and their lag (messages, bytes, seconds, stalled).
     Status {
         #[command(flatten)]
         conn: Conn,
         #[arg(long, default_value = "")]
         prefix: String,
+        /// Only this durable consumer.
+        #[arg(long)]
+        consumer: Option<String>,
+        /// One JSON document: {"channels":[{"name","head_offset",...,"consumers":[...]}]}.
         #[arg(long)]
         json: bool,
+        /// Refresh in place this often (e.g. 2s) until interrupted.
+        #[arg(long, value_parser = parse_duration, num_args = 0..=1, default_missing_value = "2s")]
+        watch: Option<Duration>,
     },
     /// Wait until a consumer has committed, on every channel under a prefix, the head each
     /// channel had when the command started (the switchover barrier).
@@ -146,7 +156,7 @@ enum ChannelAction {
 
 #[derive(Subcommand)]
 enum ConsumerAction {
-    /// Move a consumer to earliest, latest or an offset (it must not be connected).
+    /// Move a consumer to earliest, latest, an offset or a time (it must not be connected).
     Reset {
         #[command(flatten)]
         conn: Conn,
@@ -154,6 +164,7 @@ enum ConsumerAction {
         channel: String,
         #[arg(long)]
         consumer: String,
+        /// earliest, latest, an offset, or a time (RFC 3339, e.g. 2026-11-27T10:00:00Z, or @ms).
         #[arg(long)]
         to: String,
     },
@@ -269,8 +280,33 @@ async fn run(command: Command) -> Result<()> {
             count,
             json,
         } => consume(conn, channel, consumer, parse_position(&from)?, count, json).await,
-        Command::Channels { conn, prefix, json } => channels(conn, prefix, json).await,
-        Command::Status { conn, prefix, json } => status(conn, prefix, json).await,
+        Command::Channels {
+            conn,
+            prefix,
+            json,
+            watch: false,
+        } => channels(conn, prefix, json).await,
+        Command::Channels {
+            conn,
+            prefix,
+            json,
+            watch: true,
+        } => watch_channels(conn, prefix, json).await,
+        Command::Status {
+            conn,
+            prefix,
+            consumer,
+            json,
+            watch,
+        } => {
+            let args = StatusArgs {
+                prefix,
+                consumer,
+                json,
+                watch,
+            };
+            status(conn, args).await
+        }
         Command::WaitInSync {
             conn,
             consumer,
@@ -328,13 +364,28 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(n.saturating_mul(unit_ms)))
 }
 
+/// `earliest`, `latest`, an offset, or a time: RFC 3339 (`2026-11-27T10:00:00Z`) or
+/// `@` and milliseconds since the Unix epoch.
 fn parse_position(text: &str) -> Result<StartPosition> {
+    let hint = "use earliest, latest, an offset, an RFC 3339 time such as 2026-11-27T10:00:00Z, or @ and milliseconds since the Unix epoch";
     Ok(match text {
         "earliest" => StartPosition::Earliest,
         "latest" => StartPosition::Latest,
-        n => StartPosition::Offset(n.parse().with_context(|| {
-            format!("{n:?} is not a position; use earliest, latest or an offset")
-        })?),
+        t if t.starts_with('@') => StartPosition::Timestamp(
+            t[1..]
+                .parse()
+                .with_context(|| format!("{t:?} is not a position; {hint}"))?,
+        ),
+        t if t.contains('T') => {
+            let at = time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                .with_context(|| format!("{t:?} is not a position; {hint}"))?;
+            let ms = at.unix_timestamp_nanos() / 1_000_000;
+            StartPosition::Timestamp(u64::try_from(ms).unwrap_or(0))
+        }
+        n => StartPosition::Offset(
+            n.parse()
+                .with_context(|| format!("{n:?} is not a position; {hint}"))?,
+        ),
     })
 }
 
@@ -345,6 +396,10 @@ async fn serve(config_file: Option<PathBuf>, overrides: Overrides) -> Result<()>
         &overrides,
     )?;
     let mut running = directmq_broker::start(config.clone()).await?;
+    // Handlers first: a supervisor may send SIGTERM as soon as it reads the banner.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     if running.created_dev_certs {
         eprintln!(
             "created a development CA, a server certificate and an `admin` client certificate in {}\n\
@@ -360,9 +415,9 @@ async fn serve(config_file: Option<PathBuf>, overrides: Overrides) -> Result<()>
         config.data.display(),
         config.certs_dir().display()
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tracing::info!(quic = %running.quic_addr, http = %running.http_addr, data = %config.data.display(), "serving");
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = interrupt.recv() => {}
         _ = term.recv() => {}
         () = running.wait() => bail!("the broker stopped unexpectedly"),
     }
@@ -503,60 +558,202 @@ async fn channels(conn: Conn, prefix: String, json: bool) -> Result<()> {
     Ok(())
 }
 
-async fn status(conn: Conn, prefix: String, json: bool) -> Result<()> {
-    let list = conn.connect().await?.status(&prefix).await?;
-    if json {
-        for s in list {
+async fn watch_channels(conn: Conn, prefix: String, json: bool) -> Result<()> {
+    use directmq_client::ChannelChange;
+    use std::io::Write;
+    let client = conn.connect().await?;
+    let mut watcher = client.watch(&prefix).await?;
+    loop {
+        let change = tokio::select! {
+            change = watcher.next() => change,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        let Some(change) = change else {
+            return Ok(());
+        };
+        let (event, name) = match change? {
+            ChannelChange::Created(name) => ("created", name),
+            ChannelChange::Deleted(name) => ("deleted", name),
+        };
+        if json {
+            println!("{}", serde_json::json!({"event": event, "channel": name}));
+        } else {
+            println!("{event} {name}");
+        }
+        std::io::stdout().flush()?;
+    }
+}
+
+#[derive(Clone)]
+struct StatusArgs {
+    prefix: String,
+    consumer: Option<String>,
+    json: bool,
+    watch: Option<Duration>,
+}
+
+async fn status(conn: Conn, args: StatusArgs) -> Result<()> {
+    let client = conn.connect().await?;
+    loop {
+        let mut list = client.status(&args.prefix).await?;
+        if let Some(name) = &args.consumer {
+            for s in &mut list {
+                s.consumers.retain(|c| &c.name == name);
+            }
+            list.retain(|s| !s.consumers.is_empty());
+        }
+        let text = if args.json {
+            status_json(&list).to_string()
+        } else {
+            status_table(&list)
+        };
+        match args.watch {
+            None => {
+                println!("{text}");
+                return Ok(());
+            }
+            Some(every) => {
+                if args.json {
+                    println!("{text}");
+                } else {
+                    // Clear the screen and start at the top: refresh in place.
+                    print!("\x1b[2J\x1b[H{text}\n(every {every:?}; Ctrl-C to stop)\n");
+                }
+                use std::io::Write;
+                std::io::stdout().flush()?;
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                }
+            }
+        }
+    }
+}
+
+fn status_json(list: &[directmq_client::ChannelStatus]) -> serde_json::Value {
+    let channels: Vec<_> = list
+        .iter()
+        .map(|s| {
             let consumers: Vec<_> = s
                 .consumers
                 .iter()
                 .map(|c| {
                     serde_json::json!({
                         "name": c.name,
-                        "committed": c.committed,
+                        "next_offset": c.committed,
                         "lag_messages": c.lag_messages,
                         "lag_bytes": c.lag_bytes,
                         "lag_seconds": c.lag_ms as f64 / 1000.0,
+                        "stalled": c.stalled,
                         "active": c.active,
                     })
                 })
                 .collect();
-            println!(
-                "{}",
-                serde_json::json!({
-                    "channel": s.channel.name,
-                    "head": s.channel.head,
-                    "first": s.channel.first,
-                    "bytes": s.channel.bytes,
-                    "last_append_ms": s.last_append_ms,
-                    "consumers": consumers,
-                })
-            );
-        }
-    } else {
-        println!(
-            "{:<32} {:<20} {:>10} {:>10} {:>12} {:>10} {:>7}",
-            "CHANNEL", "CONSUMER", "HEAD", "COMMITTED", "LAG MSGS", "LAG S", "ACTIVE"
-        );
-        for s in list {
-            if s.consumers.is_empty() {
-                println!("{:<32} {:<20} {:>10}", s.channel.name, "-", s.channel.head);
+            serde_json::json!({
+                "name": s.channel.name,
+                "head_offset": s.channel.head,
+                "first_offset": s.channel.first,
+                "bytes": s.channel.bytes,
+                "created_ms": s.channel.created_ms,
+                "last_append_ms": s.last_append_ms,
+                "consumers": consumers,
+            })
+        })
+        .collect();
+    serde_json::json!({ "channels": channels })
+}
+
+/// Channels grouped by prefix (the name up to its last `/`), each group and each channel
+/// in it worst lag first, then one line of totals per consumer.
+fn status_table(list: &[directmq_client::ChannelStatus]) -> String {
+    use std::collections::BTreeMap;
+    use std::fmt::Write;
+    let worst = |s: &directmq_client::ChannelStatus| {
+        s.consumers
+            .iter()
+            .map(|c| c.lag_messages)
+            .max()
+            .unwrap_or(0)
+    };
+    let mut groups: BTreeMap<&str, Vec<&directmq_client::ChannelStatus>> = BTreeMap::new();
+    for s in list {
+        let name = s.channel.name.as_str();
+        let group = name.rfind('/').map_or("", |i| &name[..=i]);
+        groups.entry(group).or_default().push(s);
+    }
+    let mut groups: Vec<_> = groups.into_iter().collect();
+    for (_, channels) in &mut groups {
+        channels.sort_by(|a, b| {
+            worst(b)
+                .cmp(&worst(a))
+                .then(a.channel.name.cmp(&b.channel.name))
+        });
+    }
+    groups.sort_by(|a, b| {
+        let wa = a.1.first().map_or(0, |s| worst(s));
+        let wb = b.1.first().map_or(0, |s| worst(s));
+        wb.cmp(&wa).then(a.0.cmp(b.0))
+    });
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<40} {:<16} {:>10} {:>10} {:>10} {:>12} {:>8}  STATE",
+        "CHANNEL", "CONSUMER", "HEAD", "NEXT", "LAG MSGS", "LAG BYTES", "LAG S"
+    );
+    // consumer -> (channels, lag messages, lag bytes, max lag seconds, stalled)
+    let mut totals: BTreeMap<&str, (u64, u64, u64, f64, u64)> = BTreeMap::new();
+    for (group, channels) in &groups {
+        let _ = writeln!(
+            out,
+            "{}",
+            if group.is_empty() {
+                "(no prefix)"
+            } else {
+                group
             }
-            for c in &s.consumers {
-                println!(
-                    "{:<32} {:<20} {:>10} {:>10} {:>12} {:>10.1} {:>7}",
-                    s.channel.name,
-                    c.name,
-                    s.channel.head,
-                    c.committed,
-                    c.lag_messages,
-                    c.lag_ms as f64 / 1000.0,
-                    if c.active { "yes" } else { "no" }
+        );
+        for s in channels {
+            let name = &s.channel.name;
+            if s.consumers.is_empty() {
+                let _ = writeln!(out, "  {name:<38} {:<16} {:>10}", "-", s.channel.head);
+            }
+            let mut consumers: Vec<_> = s.consumers.iter().collect();
+            consumers.sort_by_key(|c| std::cmp::Reverse(c.lag_messages));
+            for c in consumers {
+                let lag_s = c.lag_ms as f64 / 1000.0;
+                let state = match (c.stalled, c.active) {
+                    (true, _) => "STALLED",
+                    (false, true) => "active",
+                    (false, false) => "idle",
+                };
+                let _ = writeln!(
+                    out,
+                    "  {name:<38} {:<16} {:>10} {:>10} {:>10} {:>12} {:>8.1}  {state}",
+                    c.name, s.channel.head, c.committed, c.lag_messages, c.lag_bytes, lag_s
                 );
+                let t = totals.entry(&c.name).or_default();
+                t.0 += 1;
+                t.1 += c.lag_messages;
+                t.2 += c.lag_bytes;
+                t.3 = t.3.max(lag_s);
+                t.4 += u64::from(c.stalled);
             }
         }
     }
-    Ok(())
+    if !totals.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{:<16} {:>9} {:>12} {:>14} {:>10} {:>8}",
+            "CONSUMER", "CHANNELS", "LAG MSGS", "LAG BYTES", "MAX LAG S", "STALLED"
+        );
+        for (name, (channels, msgs, bytes, secs, stalled)) in totals {
+            let _ = writeln!(
+                out,
+                "{name:<16} {channels:>9} {msgs:>12} {bytes:>14} {secs:>10.1} {stalled:>8}"
+            );
+        }
+    }
+    out.trim_end().to_owned()
 }
 
 async fn wait_in_sync(

@@ -5,17 +5,17 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use directmq_client::{FrameReader, FrameWriter, StreamError};
 use directmq_protocol::{self as proto, ErrorCode, Frame, RequestBody, ResponseBody};
 use directmq_storage::{Record, StorageError, Store, StoredMessage};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::acl::{Acl, Right};
-use crate::config::Config;
+use crate::config::{ChannelSettings, Config};
 use crate::engine::{self, Incoming, PublishDecision, Refusal};
 use crate::metrics as m;
 
@@ -26,6 +26,16 @@ const DELIVER_MESSAGES: usize = 1024;
 const DELIVER_BYTES: u64 = 1024 * 1024;
 /// Publish batches accepted on one stream before their acks are written.
 const ACKS_IN_FLIGHT: usize = 256;
+/// Channel creations and deletions buffered for slow watchers; one that falls further
+/// behind is sent the full list again.
+const WATCH_BACKLOG: usize = 4096;
+
+/// A channel created or deleted, for watch streams.
+#[derive(Debug, Clone)]
+struct ChannelChange {
+    kind: proto::WatchEventKind,
+    name: Arc<str>,
+}
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -43,6 +53,14 @@ pub struct Broker {
     sessions: Mutex<HashSet<(u64, String)>>,
     /// Durable head per channel, for waking consumer sessions.
     heads: Mutex<HashMap<u64, watch::Sender<u64>>>,
+    /// Channel creations and deletions, for watch streams.
+    changes: broadcast::Sender<ChannelChange>,
+    /// When each (channel, consumer) last moved its commit forward, in ms since the epoch;
+    /// consumers not here have not moved since `started_ms`.
+    progress: Mutex<HashMap<(u64, String), u64>>,
+    started_ms: u64,
+    /// Consumer names that have a lag gauge.
+    lag_names: Mutex<HashSet<String>>,
     connections: AtomicUsize,
     shutting_down: AtomicBool,
     shutdown: watch::Sender<bool>,
@@ -65,6 +83,10 @@ impl Broker {
             acl: RwLock::new(Arc::new(acl)),
             sessions: Mutex::new(HashSet::new()),
             heads: Mutex::new(HashMap::new()),
+            changes: broadcast::channel(WATCH_BACKLOG).0,
+            progress: Mutex::new(HashMap::new()),
+            started_ms: now_ms(),
+            lag_names: Mutex::new(HashSet::new()),
             connections: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),
             shutdown: watch::channel(false).0,
@@ -110,6 +132,23 @@ impl Broker {
                 watch::channel(head).0
             })
             .clone()
+    }
+
+    /// Tells watchers that a channel was created or deleted.
+    fn announce(&self, kind: proto::WatchEventKind, name: &str) {
+        // No watcher is not an error.
+        let _ = self.changes.send(ChannelChange {
+            kind,
+            name: name.into(),
+        });
+    }
+
+    /// Notes that a consumer's commit moved forward now.
+    fn note_progress(&self, channel_id: u64, consumer: &str) {
+        self.progress
+            .lock()
+            .expect("progress lock")
+            .insert((channel_id, consumer.to_owned()), now_ms());
     }
 
     fn storage_refusal(&self, e: &StorageError) -> Refusal {
@@ -215,12 +254,16 @@ impl Broker {
         let remote = incoming.remote_address();
         if self.connections.load(Ordering::Acquire) >= self.config.max_connections {
             warn!(%remote, limit = self.config.max_connections, "refusing a connection: too many connections");
+            metrics::counter!(m::REFUSED, "op" => "connect", "code" => "TOO_MANY_CONNECTIONS")
+                .increment(1);
             incoming.refuse();
             return;
         }
         let connection = match incoming.await {
             Ok(c) => c,
             Err(e) => {
+                metrics::counter!(m::REFUSED, "op" => "connect", "code" => "HANDSHAKE_FAILED")
+                    .increment(1);
                 info!(%remote, error = %e, "refused a connection during the handshake");
                 return;
             }
@@ -371,12 +414,13 @@ impl Broker {
         match first {
             Frame::OpenPublish(open) => self.publish(identity, open, writer, reader).await,
             Frame::Subscribe(sub) => self.consume(identity, sub, writer, reader).await,
+            Frame::Watch(w) => self.watch(identity, w.prefix, writer, reader).await,
             other => {
                 writer
                     .fail(
                         ErrorCode::UNEXPECTED_FRAME,
                         format!(
-                            "a stream must start with OpenPublish or Subscribe, not {}",
+                            "a stream must start with OpenPublish, Subscribe or Watch, not {}",
                             other.name()
                         ),
                     )
@@ -424,11 +468,15 @@ impl Broker {
                     request_id: request.request_id,
                     body,
                 }),
-                Err(r) => Frame::Error(proto::ErrorFrame {
-                    request_id: request.request_id,
-                    code: r.code,
-                    message: r.message,
-                }),
+                Err(r) => {
+                    metrics::counter!(m::REFUSED, "op" => "request", "code" => r.code.name())
+                        .increment(1);
+                    Frame::Error(proto::ErrorFrame {
+                        request_id: request.request_id,
+                        code: r.code,
+                        message: r.message,
+                    })
+                }
             };
             if writer.write(&reply).await.is_err() {
                 return;
@@ -455,7 +503,10 @@ impl Broker {
                     rx
                 };
                 match record.await {
-                    Ok(Ok(())) => Ok(ResponseBody::Done),
+                    Ok(Ok(())) => {
+                        self.announce(proto::WatchEventKind::Created, &name);
+                        Ok(ResponseBody::Done)
+                    }
                     Ok(Err(e)) => Err(self.storage_refusal(&e)),
                     Err(_) => Err(self.storage_refusal(&StorageError::Closed)),
                 }
@@ -486,6 +537,11 @@ impl Broker {
                 if let Some(heads) = self.heads.lock().expect("heads lock").remove(&id) {
                     heads.send_modify(|_| {});
                 }
+                self.progress
+                    .lock()
+                    .expect("progress lock")
+                    .retain(|(channel, _), _| *channel != id);
+                self.announce(proto::WatchEventKind::Deleted, &name);
                 info!(channel = %name, "channel deleted");
                 Ok(ResponseBody::Done)
             }
@@ -539,6 +595,7 @@ impl Broker {
                         format!("consumer {consumer:?} on {channel:?} has an active session; stop it first"),
                     ));
                 }
+                let to = self.resolve_start(id, to).await?;
                 let offset = self
                     .store
                     .with_state(|s| s.channel(id).map(|c| engine::start_offset(c, to)))
@@ -547,14 +604,41 @@ impl Broker {
                     })?;
                 self.append(vec![Record::CursorCommitted {
                     channel_id: id,
-                    consumer,
+                    consumer: consumer.clone(),
                     offset,
                 }])
                 .await?;
+                self.note_progress(id, &consumer);
                 Ok(ResponseBody::Done)
             }
             _ => Err(Refusal::new(ErrorCode::UNEXPECTED_FRAME, "unknown request")),
         }
+    }
+
+    /// Turns a start time into the offset of the first retained message appended at or
+    /// after it (the head when there is none); other positions pass through.
+    async fn resolve_start(
+        &self,
+        channel_id: u64,
+        start: proto::StartPosition,
+    ) -> Result<proto::StartPosition, Refusal> {
+        let proto::StartPosition::Timestamp(t) = start else {
+            return Ok(start);
+        };
+        let (first, next) = self
+            .store
+            .with_state(|s| {
+                s.channel(channel_id)
+                    .map(|c| (c.first_offset, c.next_offset))
+            })
+            .ok_or_else(|| Refusal::new(ErrorCode::CHANNEL_NOT_FOUND, "the channel was deleted"))?;
+        let store = self.store.clone();
+        let offset =
+            tokio::task::spawn_blocking(move || store.offset_at_time(channel_id, first, next, t))
+                .await
+                .map_err(|_| Refusal::new(ErrorCode::STORAGE_ERROR, "the index lookup failed"))?
+                .map_err(|e| self.storage_refusal(&e))?;
+        Ok(proto::StartPosition::Offset(offset))
     }
 
     fn channel_id(&self, name: &str) -> Result<u64, Refusal> {
@@ -588,6 +672,8 @@ impl Broker {
                 .collect()
         });
         let sessions = self.sessions.lock().expect("sessions lock").clone();
+        let progress = self.progress.lock().expect("progress lock").clone();
+        let stalled_after = self.config.stalled_after_ms;
         let mut out = Vec::with_capacity(channels.len());
         for (info, id, last_append_ms, consumers) in channels {
             let mut statuses = Vec::new();
@@ -602,8 +688,13 @@ impl Broker {
                         .map_err(|e| self.storage_refusal(&e))?;
                     (bytes, oldest.map_or(0, |t| now.saturating_sub(t)))
                 };
+                let key = (id, name);
+                let moved = progress.get(&key).copied().unwrap_or(self.started_ms);
+                let stalled = lag_messages > 0 && now.saturating_sub(moved) >= stalled_after;
+                let (_, name) = key;
                 statuses.push(proto::ConsumerStatus {
                     active: sessions.contains(&(id, name.clone())),
+                    stalled,
                     name,
                     committed,
                     lag_messages,
@@ -618,6 +709,158 @@ impl Broker {
             });
         }
         Ok(out)
+    }
+
+    /// Sets the gauges that are cheaper to compute when scraped than to keep up to date:
+    /// channels, log bytes and, per consumer name, lag across its channels.
+    pub fn refresh_gauges(&self) {
+        #[derive(Default)]
+        struct Lag {
+            max: u64,
+            sum: u64,
+            max_ms: u64,
+        }
+        let now = now_ms();
+        let progress = self.progress.lock().expect("progress lock").clone();
+        let stalled_after = self.config.stalled_after_ms;
+        // (channel id, head, consumer, committed), taken under the state lock.
+        let (channels, positions): (usize, Vec<(u64, u64, String, u64)>) =
+            self.store.with_state(|s| {
+                let mut positions = Vec::new();
+                let mut count = 0;
+                for c in s.channels_with_prefix("").filter(|c| c.durable) {
+                    count += 1;
+                    for (name, committed) in &c.consumers {
+                        positions.push((c.id, c.next_offset, name.clone(), *committed));
+                    }
+                }
+                (count, positions)
+            });
+        let mut lags: HashMap<String, Lag> = HashMap::new();
+        let mut stalled = 0u64;
+        for (id, head, name, committed) in positions {
+            let lag_messages = head.saturating_sub(committed);
+            let mut lag_ms = 0;
+            if lag_messages > 0 {
+                if let Ok(Some(t)) = self.store.timestamp_at(id, committed) {
+                    lag_ms = now.saturating_sub(t);
+                }
+                let moved = progress
+                    .get(&(id, name.clone()))
+                    .copied()
+                    .unwrap_or(self.started_ms);
+                if now.saturating_sub(moved) >= stalled_after {
+                    stalled += 1;
+                }
+            }
+            let lag = lags.entry(name).or_default();
+            lag.max = lag.max.max(lag_messages);
+            lag.sum += lag_messages;
+            lag.max_ms = lag.max_ms.max(lag_ms);
+        }
+        let mut known = self.lag_names.lock().expect("lag names lock");
+        for name in known.iter() {
+            // A consumer that went away (its channels deleted) reads 0, not its last lag.
+            lags.entry(name.clone()).or_default();
+        }
+        for (name, lag) in lags {
+            metrics::gauge!(m::CONSUMER_LAG_MESSAGES_MAX, "consumer" => name.clone())
+                .set(lag.max as f64);
+            metrics::gauge!(m::CONSUMER_LAG_MESSAGES_SUM, "consumer" => name.clone())
+                .set(lag.sum as f64);
+            metrics::gauge!(m::CONSUMER_LAG_SECONDS_MAX, "consumer" => name.clone())
+                .set(lag.max_ms as f64 / 1000.0);
+            known.insert(name);
+        }
+        metrics::gauge!(m::CONSUMERS_STALLED).set(stalled as f64);
+        metrics::gauge!(m::CHANNELS).set(channels as f64);
+        metrics::gauge!(m::STORAGE_BYTES).set(self.store.disk_bytes() as f64);
+    }
+
+    // ---- watch stream (§4.4) ----
+
+    /// The channels under `prefix` that `identity` may see now.
+    fn visible_channels(&self, identity: &str, prefix: &str) -> Vec<String> {
+        let acl = self.acl();
+        self.store.with_state(|s| {
+            s.channels_with_prefix(prefix)
+                .filter(|c| c.durable && acl.may_see(identity, &c.name))
+                .map(|c| c.name.clone())
+                .collect()
+        })
+    }
+
+    async fn watch(
+        self: Arc<Self>,
+        identity: Arc<str>,
+        prefix: String,
+        mut writer: FrameWriter,
+        mut reader: FrameReader,
+    ) {
+        if let Err(e) = proto::validate_prefix(&prefix) {
+            writer
+                .fail(
+                    ErrorCode::INVALID_CHANNEL_NAME,
+                    format!("invalid prefix {prefix:?}: {e}"),
+                )
+                .await;
+            return;
+        }
+        // Subscribe before listing, so nothing falls between the list and the changes; a
+        // change already in the list is harmless to the watcher.
+        let mut changes = self.changes.subscribe();
+        let existing = |broker: &Broker| {
+            Frame::WatchEvent(proto::WatchEvent {
+                kind: proto::WatchEventKind::Existing,
+                channels: broker.visible_channels(&identity, &prefix),
+            })
+        };
+        if writer.write(&existing(&self)).await.is_err() {
+            return;
+        }
+        metrics::gauge!(m::WATCHERS).increment(1.0);
+        let mut shutdown = self.shutdown.subscribe();
+        loop {
+            let frame = tokio::select! {
+                change = changes.recv() => match change {
+                    Ok(change) => {
+                        // Rights are checked at each change, so a revoked right applies at once.
+                        if !change.name.starts_with(prefix.as_str())
+                            || !self.acl().may_see(&identity, &change.name)
+                        {
+                            continue;
+                        }
+                        Frame::WatchEvent(proto::WatchEvent {
+                            kind: change.kind,
+                            channels: vec![change.name.to_string()],
+                        })
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        debug!(missed, "watcher fell behind; sending the full list again");
+                        existing(&self)
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                // The watcher sends nothing after Watch; the stream ending means it left.
+                next = reader.next() => match next {
+                    Ok(Some(other)) => {
+                        writer
+                            .fail(
+                                ErrorCode::UNEXPECTED_FRAME,
+                                format!("a watch stream carries nothing after Watch, got {}", other.name()),
+                            )
+                            .await;
+                        break;
+                    }
+                    _ => break,
+                },
+                _ = shutdown.changed() => break,
+            };
+            if writer.write(&frame).await.is_err() {
+                break;
+            }
+        }
+        metrics::gauge!(m::WATCHERS).decrement(1.0);
     }
 
     // ---- publish stream (§4.2) ----
@@ -639,7 +882,8 @@ impl Broker {
                 (channel_id, epoch)
             }
             Err(r) => {
-                metrics::counter!(m::PUBLISH_ERRORS, "code" => r.code.name()).increment(1);
+                metrics::counter!(m::REFUSED, "op" => "publish", "code" => r.code.name())
+                    .increment(1);
                 writer.fail(r.code, r.message).await;
                 reader.stop(0);
                 return;
@@ -648,6 +892,7 @@ impl Broker {
         let (acks, pending) = mpsc::channel(ACKS_IN_FLIGHT);
         let acker = tokio::spawn(write_acks(writer, pending).in_current_span());
         let heads = self.head_sender(channel_id);
+        let settings = self.config.channel_settings(&open.channel);
         let mut shutdown = self.shutdown.subscribe();
         loop {
             let frame = tokio::select! {
@@ -679,7 +924,14 @@ impl Broker {
             };
             let batch_id = batch.batch_id;
             match self
-                .plan_batch(channel_id, &open.producer_id, epoch, batch, &heads)
+                .plan_batch(
+                    channel_id,
+                    &open.producer_id,
+                    epoch,
+                    batch,
+                    &heads,
+                    settings,
+                )
                 .await
             {
                 Ok(ack) => {
@@ -688,7 +940,8 @@ impl Broker {
                     }
                 }
                 Err(r) => {
-                    metrics::counter!(m::PUBLISH_ERRORS, "code" => r.code.name()).increment(1);
+                    metrics::counter!(m::REFUSED, "op" => "publish", "code" => r.code.name())
+                        .increment(1);
                     // Nothing after a refused batch is processed on this stream (§4.2).
                     let _ = acks.send(Ack::Refused(batch_id, r)).await;
                     break;
@@ -719,7 +972,7 @@ impl Broker {
             ));
         }
         let create = open.create && self.config.auto_create_channels;
-        let (id, wait) = {
+        let (id, wait, creating) = {
             let mut txn = self.store.begin();
             let (id, record) =
                 engine::resolve_channel(txn.state(), &open.channel, create, now_ms())?;
@@ -730,7 +983,8 @@ impl Broker {
                 .producers
                 .get(&open.producer_id)
                 .is_some_and(|p| p.pending_last.is_some());
-            let wait = if record.is_some() || !channel.durable || pending_producer {
+            let creating = record.is_some();
+            let wait = if creating || !channel.durable || pending_producer {
                 let (tx, rx) = oneshot::channel();
                 txn.append(
                     record.into_iter().collect(),
@@ -741,10 +995,13 @@ impl Broker {
             } else {
                 None
             };
-            (id, wait)
+            (id, wait, creating)
         };
         if let Some(durable) = wait {
             match durable.await {
+                Ok(Ok(())) if creating => {
+                    self.announce(proto::WatchEventKind::Created, &open.channel);
+                }
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(self.storage_refusal(&e)),
                 Err(_) => return Err(self.storage_refusal(&StorageError::Closed)),
@@ -772,8 +1029,9 @@ impl Broker {
         epoch: u64,
         batch: proto::PublishBatch,
         heads: &watch::Sender<u64>,
+        settings: ChannelSettings,
     ) -> Result<Ack, Refusal> {
-        let max = self.config.max_message_bytes;
+        let max = settings.max_message_bytes;
         if let Some((i, m)) = batch
             .messages
             .iter()
@@ -788,8 +1046,10 @@ impl Broker {
                 ),
             ));
         }
+        let received = Instant::now();
         let count = batch.messages.len() as u64;
         let bytes: u64 = batch.messages.iter().map(|m| m.payload.len() as u64).sum();
+        metrics::histogram!(m::BATCH_MESSAGES).record(count as f64);
         let mut incoming: Vec<Incoming> = batch
             .messages
             .into_iter()
@@ -836,12 +1096,20 @@ impl Broker {
                         let _ = tx.send(r);
                     });
                     // No record: a barrier, acked once what is queued before is durable.
-                    txn.append(record.take().into_iter().collect(), done)
-                        .map_err(|e| self.storage_refusal(&e))?;
+                    txn.append_with(
+                        record.take().into_iter().collect(),
+                        settings.durability,
+                        done,
+                    )
+                    .map_err(|e| self.storage_refusal(&e))?;
                 } else {
                     // A retry of messages still waiting for their fsync.
-                    txn.append(Vec::new(), Box::new(move |r| drop(tx.send(r))))
-                        .map_err(|e| self.storage_refusal(&e))?;
+                    txn.append_with(
+                        Vec::new(),
+                        settings.durability,
+                        Box::new(move |r| drop(tx.send(r))),
+                    )
+                    .map_err(|e| self.storage_refusal(&e))?;
                 }
                 decision
             };
@@ -866,6 +1134,7 @@ impl Broker {
                                 .collect(),
                         },
                         durable: rx,
+                        received,
                     });
                 }
                 PublishDecision::WaitForInFlight(back) => match rx.await {
@@ -889,6 +1158,8 @@ impl Broker {
         let session = match self.open_session(&identity, &sub).await {
             Ok(s) => s,
             Err(r) => {
+                metrics::counter!(m::REFUSED, "op" => "consume", "code" => r.code.name())
+                    .increment(1);
                 writer.fail(r.code, r.message).await;
                 reader.stop(0);
                 return;
@@ -1039,7 +1310,10 @@ impl Broker {
                 Some(result) = commits.recv() => {
                     let frame = match result {
                         Ok(offset) => Frame::CommitOk(proto::CommitOk { offset }),
-                        Err(r) => Frame::Error(proto::ErrorFrame { request_id: 0, code: r.code, message: r.message }),
+                        Err(r) => {
+                            metrics::counter!(m::REFUSED, "op" => "commit", "code" => r.code.name()).increment(1);
+                            Frame::Error(proto::ErrorFrame { request_id: 0, code: r.code, message: r.message })
+                        }
                     };
                     if writer.write(&frame).await.is_err() {
                         break;
@@ -1079,12 +1353,13 @@ impl Broker {
                 ),
             )
         })?;
+        let start = self.resolve_start(channel_id, sub.start).await?;
         let (next, record, head) = {
             let state_result = self.store.with_state(|s| {
                 let c = s.channel(channel_id).ok_or_else(|| {
                     Refusal::new(ErrorCode::CHANNEL_NOT_FOUND, "the channel was deleted")
                 })?;
-                let (next, record) = engine::plan_subscribe(c, &sub.consumer, sub.start)?;
+                let (next, record) = engine::plan_subscribe(c, &sub.consumer, start)?;
                 Ok::<_, Refusal>((next, record, c.next_offset))
             });
             state_result?
@@ -1118,6 +1393,7 @@ impl Broker {
         };
         match planned {
             Ok(Some(record)) => {
+                self.note_progress(channel_id, consumer);
                 let reply2 = reply.clone();
                 let refusal = |e: &StorageError| match e {
                     StorageError::Closed => {
@@ -1213,6 +1489,8 @@ enum Ack {
     Pending {
         ack: proto::PublishAck,
         durable: oneshot::Receiver<Result<(), Arc<StorageError>>>,
+        /// When the batch was read off the stream.
+        received: Instant,
     },
     Refused(u64, Refusal),
 }
@@ -1222,8 +1500,15 @@ enum Ack {
 async fn write_acks(mut writer: FrameWriter, mut pending: mpsc::Receiver<Ack>) {
     while let Some(ack) = pending.recv().await {
         let frame = match ack {
-            Ack::Pending { ack, durable } => match durable.await {
-                Ok(Ok(())) => Frame::PublishAck(ack),
+            Ack::Pending {
+                ack,
+                durable,
+                received,
+            } => match durable.await {
+                Ok(Ok(())) => {
+                    metrics::histogram!(m::ACK_SECONDS).record(received.elapsed().as_secs_f64());
+                    Frame::PublishAck(ack)
+                }
                 Ok(Err(e)) => {
                     let (code, message) = if e.is_full() {
                         (

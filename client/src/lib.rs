@@ -32,6 +32,7 @@ mod consumer;
 pub mod net;
 mod producer;
 mod stream;
+mod watch;
 pub mod wire;
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -46,6 +47,7 @@ use tokio::sync::Mutex;
 pub use consumer::{Consumer, Message};
 pub use directmq_protocol::{ChannelInfo, ChannelStatus, ConsumerStatus, StartPosition};
 pub use producer::{PendingAck, Producer, ProducerOptions, Receipt};
+pub use watch::{ChannelChange, Watcher};
 pub use wire::{FrameReader, FrameWriter, StreamError};
 
 /// What can go wrong for a client.
@@ -475,6 +477,12 @@ impl Client {
         start: StartPosition,
     ) -> Result<Consumer, Error> {
         Consumer::open(self.clone(), channel, name, start).await
+    }
+
+    /// Watches `prefix` (`""` for every channel the identity may see): first each existing
+    /// channel is reported as created, then every creation and deletion, across reconnects.
+    pub async fn watch(&self, prefix: &str) -> Result<Watcher, Error> {
+        Watcher::open(self.clone(), prefix).await
     }
 
     /// Closes the connection; open producers and consumers fail.

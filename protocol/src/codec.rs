@@ -166,6 +166,8 @@ pub fn decode(buf: &mut BytesMut, max_frame_bytes: u64) -> Result<Option<Frame>,
         kind::CREDIT => no_data(Frame::Credit(meta_of(name, &meta)?)),
         kind::COMMIT => no_data(Frame::Commit(meta_of(name, &meta)?)),
         kind::COMMIT_OK => no_data(Frame::CommitOk(meta_of(name, &meta)?)),
+        kind::WATCH => no_data(Frame::Watch(meta_of(name, &meta)?)),
+        kind::WATCH_EVENT => no_data(Frame::WatchEvent(meta_of(name, &meta)?)),
         kind::PUBLISH_BATCH => {
             let m: PublishBatchMeta = meta_of(name, &meta)?;
             let lens = m.messages.iter().map(|e| e.len);
@@ -263,6 +265,8 @@ fn encode_inner(frame: &Frame, dst: &mut BytesMut, out: &mut Vec<Bytes>, coalesc
             Frame::Credit(m) => options().serialize_into(w, m),
             Frame::Commit(m) => options().serialize_into(w, m),
             Frame::CommitOk(m) => options().serialize_into(w, m),
+            Frame::Watch(m) => options().serialize_into(w, m),
+            Frame::WatchEvent(m) => options().serialize_into(w, m),
             Frame::PublishBatch(b) => {
                 payloads.extend(b.messages.iter().map(|m| &m.payload));
                 let meta = PublishBatchMeta {

@@ -43,6 +43,10 @@ pub enum Frame {
     Commit(Commit),
     /// Broker → client, a commit is durable.
     CommitOk(CommitOk),
+    /// Client → broker, first frame of a watch stream (§4.4).
+    Watch(Watch),
+    /// Broker → client on a watch stream: channels that exist, appeared or went away.
+    WatchEvent(WatchEvent),
 }
 
 /// First frame of a connection's control stream.
@@ -85,6 +89,9 @@ pub enum StartPosition {
     Latest,
     /// An explicit offset (clamped to the retained range).
     Offset(u64),
+    /// The first retained message appended at or after this broker time (ms since the
+    /// Unix epoch); the head when there is none.
+    Timestamp(u64),
 }
 
 /// A control-stream request.
@@ -172,6 +179,8 @@ pub struct ConsumerStatus {
     pub lag_ms: u64,
     /// Whether a session is connected now.
     pub active: bool,
+    /// Lag above zero and no commit progress for the broker's `stalled_after_ms`.
+    pub stalled: bool,
 }
 
 /// Opens a publish stream for one channel and producer.
@@ -278,6 +287,32 @@ pub struct CommitOk {
     pub offset: u64,
 }
 
+/// Opens a watch stream: the broker answers with a [`WatchEventKind::Existing`] event
+/// listing the channels under `prefix` the identity may see, then one event per change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Watch {
+    pub prefix: String,
+}
+
+/// What a [`WatchEvent`] says of its channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WatchEventKind {
+    /// Every channel under the prefix now; replaces whatever the watcher knew (sent first,
+    /// and again whenever the broker could not keep up with the changes).
+    Existing,
+    /// These channels were created.
+    Created,
+    /// These channels were deleted.
+    Deleted,
+}
+
+/// Channels created, deleted or existing under a watched prefix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchEvent {
+    pub kind: WatchEventKind,
+    pub channels: Vec<String>,
+}
+
 impl Frame {
     /// The frame kind byte (§2).
     pub fn kind(&self) -> u8 {
@@ -297,6 +332,8 @@ impl Frame {
             Frame::Credit(_) => kind::CREDIT,
             Frame::Commit(_) => kind::COMMIT,
             Frame::CommitOk(_) => kind::COMMIT_OK,
+            Frame::Watch(_) => kind::WATCH,
+            Frame::WatchEvent(_) => kind::WATCH_EVENT,
         }
     }
 
@@ -323,6 +360,8 @@ pub mod kind {
     pub const CREDIT: u8 = 23;
     pub const COMMIT: u8 = 24;
     pub const COMMIT_OK: u8 = 25;
+    pub const WATCH: u8 = 30;
+    pub const WATCH_EVENT: u8 = 31;
 
     /// Name of a kind byte, `"unknown"` if none.
     pub fn name(kind: u8) -> &'static str {
@@ -342,6 +381,8 @@ pub mod kind {
             CREDIT => "Credit",
             COMMIT => "Commit",
             COMMIT_OK => "CommitOk",
+            WATCH => "Watch",
+            WATCH_EVENT => "WatchEvent",
             _ => "unknown",
         }
     }

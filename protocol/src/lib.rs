@@ -19,7 +19,7 @@ mod names;
 pub use codec::{decode, encode, encode_chunks, frame_len, DecodeError, HEADER_LEN};
 pub use error::ErrorCode;
 pub use frame::*;
-pub use names::{validate_channel_name, validate_identifier, NameError};
+pub use names::{validate_channel_name, validate_identifier, validate_prefix, NameError};
 
 /// ALPN identifier negotiated in the TLS handshake (§1). A future incompatible protocol gets
 /// a new ALPN *and* a new hello version, so an old broker refuses it during the handshake.

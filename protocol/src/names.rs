@@ -56,6 +56,15 @@ pub fn validate_identifier(name: &str) -> Result<(), NameError> {
     check(name, false)
 }
 
+/// Checks a channel-name prefix for listing, watching and ACLs: empty (every channel), or
+/// the start of a valid channel name, which may end in `/` (`dc-a/`, `dc-a/db1/s1`).
+pub fn validate_prefix(prefix: &str) -> Result<(), NameError> {
+    if prefix.is_empty() {
+        return Ok(());
+    }
+    check(prefix.strip_suffix('/').unwrap_or(prefix), true)
+}
+
 fn check(name: &str, slashes: bool) -> Result<(), NameError> {
     let bytes = name.as_bytes();
     if bytes.is_empty() {
@@ -86,6 +95,16 @@ fn check(name: &str, slashes: bool) -> Result<(), NameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefixes_are_empty_or_the_start_of_a_channel_name() {
+        for ok in ["", "dc-a/", "dc-a", "dc-a/db1/s", "dc-a/db1/"] {
+            validate_prefix(ok).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        }
+        for bad in ["/", "dc-a//", "/dc-a", "dc a/", "dc-a/*"] {
+            assert!(validate_prefix(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn accepts_spec_examples() {

@@ -67,6 +67,7 @@ enum Job {
     Append {
         records: Vec<(RecordMeta, Bytes)>,
         done: Done,
+        durability: Durability,
     },
     Snapshot {
         done: Done,
@@ -146,6 +147,20 @@ impl Txn<'_> {
     /// Queues records behind the next group commit; `done` runs once they are durable. An
     /// empty list is a barrier: `done` runs once everything queued before it is durable.
     pub fn append(&mut self, records: Vec<Record>, done: Done) -> Result<(), StorageError> {
+        let durability = self.shared.options.durability;
+        self.append_with(records, durability, done)
+    }
+
+    /// [`Txn::append`] with a durability of its own instead of the store's (a channel that
+    /// overrides it): with [`Durability::Fsync`] `done` runs after the fdatasync that covers
+    /// the records, with [`Durability::Interval`] after the write, and an fdatasync follows
+    /// within the interval.
+    pub fn append_with(
+        &mut self,
+        records: Vec<Record>,
+        durability: Durability,
+        done: Done,
+    ) -> Result<(), StorageError> {
         if self.shared.poisoned.load(Ordering::Acquire) {
             return Err(StorageError::Poisoned);
         }
@@ -174,7 +189,11 @@ impl Txn<'_> {
         if queue.closed {
             return Err(StorageError::Closed);
         }
-        queue.jobs.push(Job::Append { records, done });
+        queue.jobs.push(Job::Append {
+            records,
+            done,
+            durability,
+        });
         drop(queue);
         self.shared.wake.notify_one();
         Ok(())
@@ -224,7 +243,8 @@ impl Store {
             id: active_id,
             len,
             unsynced: false,
-            last_sync: Instant::now(),
+            sync_requested: false,
+            sync_by: None,
             last_checkpoint: Instant::now(),
             since_checkpoint: 0,
             cache_dropped_to: 0,
@@ -394,6 +414,42 @@ impl Store {
             bytes += entries.iter().map(|e| e.bytes).sum::<u64>();
         }
         Ok((bytes, Some(first.timestamp_ms)))
+    }
+
+    /// Broker time of the message at `offset` (the first one from `offset` on that is still
+    /// stored), `None` when there is none: the age of the oldest message a consumer that
+    /// committed up to `offset` has not yet committed.
+    pub fn timestamp_at(&self, channel_id: u64, offset: u64) -> Result<Option<u64>, StorageError> {
+        Ok(self
+            .shared
+            .index
+            .find(channel_id, offset)?
+            .map(|e| e.timestamp_ms))
+    }
+
+    /// The first offset in `[from, to)` whose batch was appended at or after `timestamp_ms`,
+    /// `to` when there is none. Batch times are assigned in offset order, so this is a binary
+    /// search over the index: O(log n) lookups.
+    pub fn offset_at_time(
+        &self,
+        channel_id: u64,
+        from: u64,
+        to: u64,
+        timestamp_ms: u64,
+    ) -> Result<u64, StorageError> {
+        // The predicate "the first stored message at or after x was appended at or after
+        // the time" is monotone in x; find the smallest x where it holds.
+        let (mut lo, mut hi) = (from, to);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.shared.index.find(channel_id, mid)? {
+                // Every message of a batch shares its time, so the whole rest of it is
+                // older too.
+                Some(e) if e.timestamp_ms < timestamp_ms => lo = e.end_offset().max(mid + 1),
+                _ => hi = mid,
+            }
+        }
+        Ok(lo)
     }
 
     /// Deletes every closed segment that holds only messages below their channel's floor.
@@ -762,7 +818,10 @@ struct Writer {
     id: u64,
     len: u64,
     unsynced: bool,
-    last_sync: Instant,
+    /// A group that needs its fdatasync before its completions run was taken.
+    sync_requested: bool,
+    /// Written data of [`Durability::Interval`] appends must be synced by then.
+    sync_by: Option<Instant>,
     last_checkpoint: Instant,
     since_checkpoint: u64,
     /// The active segment's page cache is dropped below this position.
@@ -775,8 +834,8 @@ impl Writer {
             let (jobs, closed) = {
                 let mut queue = self.shared.queue.lock().expect("queue lock");
                 while queue.jobs.is_empty() && !queue.closed {
-                    let wait = match self.shared.options.durability {
-                        Durability::Interval(d) if self.unsynced => d,
+                    let wait = match self.sync_by {
+                        Some(by) if self.unsynced => by.saturating_duration_since(Instant::now()),
                         _ => self.shared.options.checkpoint_interval,
                     };
                     let (q, timeout) = self
@@ -832,7 +891,20 @@ impl Writer {
         let mut failed = None;
         for job in jobs.by_ref() {
             match job {
-                Job::Append { records, done } => group.push((records, done)),
+                Job::Append {
+                    records,
+                    done,
+                    durability,
+                } => {
+                    match durability {
+                        Durability::Fsync => self.sync_requested = true,
+                        Durability::Interval(d) => {
+                            let by = Instant::now() + d;
+                            self.sync_by = Some(self.sync_by.map_or(by, |t| t.min(by)));
+                        }
+                    }
+                    group.push((records, done));
+                }
                 Job::Snapshot { done } => {
                     failed = self.write_group(std::mem::take(&mut group)).err();
                     match &failed {
@@ -921,10 +993,7 @@ impl Writer {
         self.unsynced = true;
         metrics::counter!(metric::BYTES_WRITTEN).increment(total);
         metrics::histogram!(metric::GROUP_APPENDS).record(group.len() as f64);
-        let sync_now = match self.shared.options.durability {
-            Durability::Fsync => true,
-            Durability::Interval(d) => self.last_sync.elapsed() >= d,
-        };
+        let sync_now = self.sync_requested || self.sync_by.is_some_and(|by| Instant::now() >= by);
         if sync_now {
             if let Err(e) = self.sync() {
                 return Err(self.fail(e, group));
@@ -992,7 +1061,8 @@ impl Writer {
         metrics::counter!(metric::FSYNCS).increment(1);
         metrics::histogram!(metric::FSYNC_SECONDS).record(started.elapsed().as_secs_f64());
         self.unsynced = false;
-        self.last_sync = Instant::now();
+        self.sync_requested = false;
+        self.sync_by = None;
         self.drop_cache(false);
         Ok(())
     }

@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -69,6 +69,8 @@ pub fn payload(channel: u32, producer: u32, seq: u64, len: usize) -> Bytes {
 #[derive(Debug)]
 pub struct ChildBroker {
     child: Option<Child>,
+    /// The broker's stderr, line by line (the first 10,000 lines).
+    log: Arc<Mutex<Vec<String>>>,
     pub data: PathBuf,
     pub quic: SocketAddr,
     pub http: SocketAddr,
@@ -83,6 +85,32 @@ impl ChildBroker {
         ChildBroker::spawn(command, data, quic)
     }
 
+    /// Starts `directmq [global_args] serve --data DATA [serve_args]` with `env` set.
+    pub fn start_with(
+        bin: &Path,
+        data: &Path,
+        global_args: &[&str],
+        serve_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<ChildBroker> {
+        let mut command = Command::new(bin);
+        command
+            .args(global_args)
+            .arg("serve")
+            .arg("--data")
+            .arg(data)
+            .args(serve_args);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        ChildBroker::spawn(command, data, None)
+    }
+
+    /// What the broker wrote to stderr so far, line by line.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().expect("log lock").clone()
+    }
+
     /// Starts `directmq serve` with its default data directory inside `cwd`.
     pub fn start_in(bin: &Path, cwd: &Path) -> Result<ChildBroker> {
         let mut command = Command::new(bin);
@@ -92,15 +120,17 @@ impl ChildBroker {
 
     fn spawn(mut command: Command, data: &Path, quic: Option<SocketAddr>) -> Result<ChildBroker> {
         let listen = quic.map_or("127.0.0.1:0".to_owned(), |a| a.to_string());
+        if command.get_envs().all(|(k, _)| k != "RUST_LOG") {
+            command.env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            );
+        }
         let mut child = command
             .arg("--listen")
             .arg(&listen)
             .arg("--http")
             .arg("127.0.0.1:0")
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -108,10 +138,18 @@ impl ChildBroker {
             .context("starting the broker binary")?;
         let stderr = child.stderr.take().expect("piped");
         let (tx, rx) = mpsc::channel();
+        let log: Arc<Mutex<Vec<String>>> = Arc::default();
+        let log2 = log.clone();
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                {
+                    let mut log = log2.lock().expect("log lock");
+                    if log.len() < 10_000 {
+                        log.push(line.clone());
+                    }
+                }
                 if !sent && line.contains("directmq serving QUIC on") {
                     let _ = tx.send(line.clone());
                     sent = true;
@@ -136,6 +174,7 @@ impl ChildBroker {
             Ok(rest.split_whitespace().next().context("address")?.parse()?)
         };
         Ok(ChildBroker {
+            log,
             quic: addr_after("QUIC on ")?,
             http: addr_after("HTTP on ")?,
             child: Some(child),

@@ -240,6 +240,17 @@ fn samples() -> Vec<(&'static str, Frame)> {
                 },
             ),
         ),
+        (
+            "request_reset_consumer_timestamp",
+            request(
+                9,
+                RequestBody::ResetConsumer {
+                    channel: "dc-a/s1".into(),
+                    consumer: "dc-b".into(),
+                    to: StartPosition::Timestamp(1_700_000_000_000),
+                },
+            ),
+        ),
         ("response_done", response(1, ResponseBody::Done)),
         (
             "response_channels",
@@ -259,6 +270,7 @@ fn samples() -> Vec<(&'static str, Frame)> {
                         lag_bytes: 600,
                         lag_ms: 1500,
                         active: true,
+                        stalled: true,
                     }],
                 }]),
             ),
@@ -385,6 +397,19 @@ fn samples() -> Vec<(&'static str, Frame)> {
         ),
         ("commit", Frame::Commit(Commit { offset: 41 })),
         ("commit_ok", Frame::CommitOk(CommitOk { offset: 41 })),
+        (
+            "watch",
+            Frame::Watch(Watch {
+                prefix: "dc-a/".into(),
+            }),
+        ),
+        (
+            "watch_event",
+            Frame::WatchEvent(WatchEvent {
+                kind: WatchEventKind::Created,
+                channels: vec!["dc-a/s1".into(), "dc-a/s2".into()],
+            }),
+        ),
     ]
 }
 
@@ -504,9 +529,10 @@ fn start_variant(start: StartPosition) -> usize {
         StartPosition::Earliest => 0,
         StartPosition::Latest => 1,
         StartPosition::Offset(_) => 2,
+        StartPosition::Timestamp(_) => 3,
     }
 }
-const START_VARIANTS: usize = 3;
+const START_VARIANTS: usize = 4;
 
 fn known_kinds() -> Vec<u8> {
     (0..=u8::MAX)
@@ -568,6 +594,8 @@ fn kind_numbers_are_pinned() {
             (23, "Credit"),
             (24, "Commit"),
             (25, "CommitOk"),
+            (30, "Watch"),
+            (31, "WatchEvent"),
         ]
     );
     for (name, frame) in samples() {
@@ -763,6 +791,12 @@ const GOLDEN: &[(&str, &str)] = &[
          00000064632d62020000002a00000000000000",
     ),
     (
+        "request_reset_consumer_timestamp",
+        "00000033 04 00000033 \
+         090000000000000005000000070000000000000064632d612f73310400000000 \
+         00000064632d62030000000068e5cf8b010000",
+    ),
+    (
         "response_done",
         "0000000c 05 0000000c \
          010000000000000000000000",
@@ -776,12 +810,12 @@ const GOLDEN: &[(&str, &str)] = &[
     ),
     (
         "response_status",
-        "00000084 05 00000084 \
+        "00000085 05 00000085 \
          04000000000000000200000001000000000000000b0000000000000064632d61 \
          2f6462312f733164000000000000002800000000000000701700000000000000 \
          68e5cf8b010000f469e5cf8b0100000100000000000000040000000000000064 \
          632d625a000000000000000a000000000000005802000000000000dc05000000 \
-         00000001",
+         0000000101",
     ),
     (
         "response_last_sequence_some",
@@ -867,6 +901,17 @@ const GOLDEN: &[(&str, &str)] = &[
         "commit_ok",
         "00000008 19 00000008 \
          2900000000000000",
+    ),
+    (
+        "watch",
+        "0000000d 1e 0000000d \
+         050000000000000064632d612f",
+    ),
+    (
+        "watch_event",
+        "0000002a 1f 0000002a \
+         0100000002000000000000000700000000000000 \
+         64632d612f7331070000000000000064632d612f7332",
     ),
 ];
 

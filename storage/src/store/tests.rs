@@ -555,3 +555,61 @@ fn backlog_bytes_are_exact_inside_a_batch() {
     assert_eq!(store.backlog(a, 3).unwrap(), (4, Some(1003)));
     assert_eq!(store.backlog(a, 4).unwrap(), (0, None));
 }
+
+#[test]
+fn offset_at_time_finds_the_first_batch_at_or_after_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    let id = create(&store, "t");
+    // Batches of two at offsets 0, 2, 4, 6, 8, appended at 1000 + base.
+    for i in 0..5u64 {
+        publish(&store, id, "p", i * 2, &[b"a", b"b"]);
+    }
+    let at = |t| store.offset_at_time(id, 0, 10, t).unwrap();
+    assert_eq!(at(0), 0);
+    assert_eq!(at(1000), 0);
+    assert_eq!(at(1001), 2);
+    assert_eq!(at(1005), 6);
+    assert_eq!(at(1008), 8);
+    assert_eq!(at(1009), 10, "nothing that new: the head");
+    // Bounded by the range asked for (the retained part).
+    assert_eq!(store.offset_at_time(id, 4, 10, 0).unwrap(), 4);
+    assert_eq!(store.timestamp_at(id, 3).unwrap(), Some(1002));
+    assert_eq!(store.timestamp_at(id, 10).unwrap(), None);
+}
+
+#[test]
+fn appends_with_interval_durability_complete_and_survive_a_close() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path(), opts()).unwrap();
+        let id = create(&store, "t");
+        let mut txn = store.begin();
+        let base = txn.state().reserve(id, 1).unwrap();
+        let (tx, rx) = mpsc::channel();
+        txn.append_with(
+            vec![Record::Batch(Batch {
+                channel_id: id,
+                base_offset: base,
+                timestamp_ms: 1,
+                producer: None,
+                messages: vec![StoredMessage {
+                    headers: vec![],
+                    payload: Bytes::from_static(b"relaxed"),
+                }],
+            })],
+            // Far longer than the test: done must not wait for the fdatasync.
+            Durability::Interval(Duration::from_secs(3600)),
+            Box::new(move |r| drop(tx.send(r))),
+        )
+        .unwrap();
+        drop(txn);
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("done after the write, not after the interval")
+            .unwrap();
+        store.close();
+    }
+    let store = Store::open(dir.path(), opts()).unwrap();
+    let id = store.with_state(|s| s.channel_id("t")).unwrap();
+    assert_eq!(payloads_of(&store, id), vec![(0, b"relaxed".to_vec())]);
+}

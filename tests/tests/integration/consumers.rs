@@ -125,3 +125,103 @@ async fn deleting_a_channel_ends_its_sessions_and_a_new_one_starts_at_zero() -> 
     running.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_resets_to_a_time_through_the_api_and_the_command_line() -> Result<()> {
+    directmq_tests::init_logging();
+    let dir = tempfile::tempdir()?;
+    let running = directmq_broker::start(test_config(dir.path())).await?;
+    let c = client(running.quic_addr, dir.path()).await?;
+    let producer = c.producer("times", "p").await?;
+    for i in 0..3 {
+        producer.send(format!("old{i}")).await?;
+    }
+    // Read the broker's time of the last old message, then let the clock pass it.
+    let mut reader = c
+        .consumer("times", "probe", StartPosition::Earliest)
+        .await?;
+    let mut old_time = 0;
+    for _ in 0..3 {
+        old_time = reader.next().await.context("closed")??.timestamp_ms;
+    }
+    drop(reader);
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    };
+    while now_ms() <= old_time {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for i in 0..2 {
+        producer.send(format!("new{i}")).await?;
+    }
+
+    // A new consumer subscribing from a time starts at the first message at or after it.
+    let mut from_time = c
+        .consumer("times", "dc-b", StartPosition::Timestamp(old_time + 1))
+        .await?;
+    let m = from_time.next().await.context("closed")??;
+    ensure!(m.offset == 3 && m.payload == "new0".as_bytes(), "{m:?}");
+    drop(from_time);
+
+    // The command line: `consumer reset --to @ms` and an RFC 3339 time.
+    let run = |to: String| {
+        let out = std::process::Command::new(crate::directmq_bin())
+            .args([
+                "consumer",
+                "reset",
+                "--channel",
+                "times",
+                "--consumer",
+                "dc-c",
+            ])
+            .arg("--to")
+            .arg(to)
+            .arg("--broker")
+            .arg(running.quic_addr.to_string())
+            .arg("--certs")
+            .arg(dir.path().join("certs"))
+            .output();
+        async move {
+            let out = out?;
+            ensure!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok::<_, anyhow::Error>(())
+        }
+    };
+    run(format!("@{old_time}")).await?;
+    let s = c.status("times").await?;
+    let dc_c = s[0]
+        .consumers
+        .iter()
+        .find(|x| x.name == "dc-c")
+        .context("dc-c")?;
+    // Every old message shares a millisecond or precedes it: the first at that time.
+    ensure!(dc_c.committed <= 2 && dc_c.lag_messages >= 3, "{dc_c:?}");
+    run("2000-01-01T00:00:00Z".into()).await?;
+    let s = c.status("times").await?;
+    let dc_c = s[0]
+        .consumers
+        .iter()
+        .find(|x| x.name == "dc-c")
+        .context("dc-c")?;
+    ensure!(dc_c.committed == 0, "{dc_c:?}");
+    run("2999-01-01T00:00:00Z".into()).await?;
+    let s = c.status("times").await?;
+    let dc_c = s[0]
+        .consumers
+        .iter()
+        .find(|x| x.name == "dc-c")
+        .context("dc-c")?;
+    ensure!(dc_c.committed == 5 && dc_c.lag_messages == 0, "{dc_c:?}");
+    let err = run("yesterday".into()).await.expect_err("not a time");
+    ensure!(err.to_string().contains("RFC 3339"), "{err}");
+    c.close().await;
+    running.shutdown().await;
+    Ok(())
+}

@@ -53,6 +53,9 @@ pub struct Config {
     pub idle_timeout_ms: u64,
     /// A consumer with lag whose commit has not moved for this long is reported stalled.
     pub stalled_after_ms: u64,
+    /// How often the certificate, key, CA and ACL files are checked for changes (they are
+    /// also reloaded on SIGHUP); 0 turns the check off.
+    pub reload_interval_ms: u64,
     /// Per-channel settings by name prefix (`[[channel]]` tables); the longest matching
     /// prefix wins, unset keys fall back to the broker-wide value.
     #[serde(rename = "channel")]
@@ -97,6 +100,7 @@ impl Default for Config {
             retention_interval_ms: 10_000,
             idle_timeout_ms: 30_000,
             stalled_after_ms: 60_000,
+            reload_interval_ms: 2_000,
             channels: Vec::new(),
         }
     }

@@ -13,6 +13,7 @@ pub mod config;
 pub mod engine;
 pub mod http;
 pub mod metrics;
+pub mod reload;
 pub mod server;
 pub mod tls;
 
@@ -111,6 +112,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         idle_timeout: std::time::Duration::from_millis(config.idle_timeout_ms),
         ..NetOptions::default()
     };
+    // Kept in step with Broker::net_options, which reloads use.
     let server_config = tls::server_config(
         &config.ca_files(),
         &config.cert_path(),

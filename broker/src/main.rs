@@ -400,6 +400,7 @@ async fn serve(config_file: Option<PathBuf>, overrides: Overrides) -> Result<()>
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut hangup = signal(SignalKind::hangup())?;
     if running.created_dev_certs {
         eprintln!(
             "created a development CA, a server certificate and an `admin` client certificate in {}\n\
@@ -416,10 +417,20 @@ async fn serve(config_file: Option<PathBuf>, overrides: Overrides) -> Result<()>
         config.certs_dir().display()
     );
     tracing::info!(quic = %running.quic_addr, http = %running.http_addr, data = %config.data.display(), "serving");
-    tokio::select! {
-        _ = interrupt.recv() => {}
-        _ = term.recv() => {}
-        () = running.wait() => bail!("the broker stopped unexpectedly"),
+    loop {
+        tokio::select! {
+            _ = interrupt.recv() => break,
+            _ = term.recv() => break,
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP: reloading certificates, CA set and ACL");
+                let broker = running.broker.clone();
+                let report = tokio::task::spawn_blocking(move || broker.reload()).await?;
+                if report.is_ok() {
+                    eprintln!("reloaded certificates, CA set and ACL");
+                }
+            }
+            () = running.wait() => bail!("the broker stopped unexpectedly"),
+        }
     }
     eprintln!("shutting down: finishing in-flight writes and acks");
     running.shutdown().await;

@@ -48,7 +48,9 @@ fn now_ms() -> u64 {
 pub struct Broker {
     config: Config,
     store: Arc<Store>,
-    acl: RwLock<Arc<Acl>>,
+    pub(crate) acl: RwLock<Arc<Acl>>,
+    /// The QUIC endpoint, once serving: reloads swap its TLS configuration.
+    pub(crate) endpoint: Mutex<Option<quinn::Endpoint>>,
     /// Active consumer sessions: (channel id, consumer name).
     sessions: Mutex<HashSet<(u64, String)>>,
     /// Durable head per channel, for waking consumer sessions.
@@ -62,8 +64,8 @@ pub struct Broker {
     /// Consumer names that have a lag gauge.
     lag_names: Mutex<HashSet<String>>,
     connections: AtomicUsize,
-    shutting_down: AtomicBool,
-    shutdown: watch::Sender<bool>,
+    pub(crate) shutting_down: AtomicBool,
+    pub(crate) shutdown: watch::Sender<bool>,
     tasks: TaskTracker,
 }
 
@@ -81,6 +83,7 @@ impl Broker {
             config,
             store,
             acl: RwLock::new(Arc::new(acl)),
+            endpoint: Mutex::new(None),
             sessions: Mutex::new(HashSet::new()),
             heads: Mutex::new(HashMap::new()),
             changes: broadcast::channel(WATCH_BACKLOG).0,
@@ -102,7 +105,15 @@ impl Broker {
         &self.config
     }
 
-    fn acl(&self) -> Arc<Acl> {
+    /// QUIC transport settings for this broker's endpoint.
+    pub fn net_options(&self) -> directmq_client::net::NetOptions {
+        directmq_client::net::NetOptions {
+            idle_timeout: Duration::from_millis(self.config.idle_timeout_ms),
+            ..directmq_client::net::NetOptions::default()
+        }
+    }
+
+    pub(crate) fn acl(&self) -> Arc<Acl> {
         self.acl.read().expect("acl lock").clone()
     }
 
@@ -190,7 +201,9 @@ impl Broker {
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
+        *self.endpoint.lock().expect("endpoint lock") = Some(endpoint.clone());
         let retention = self.tasks.spawn(self.clone().retention_loop());
+        let reloads = self.tasks.spawn(self.clone().reload_loop());
         loop {
             tokio::select! {
                 incoming = endpoint.accept() => match incoming {
@@ -204,10 +217,17 @@ impl Broker {
             }
         }
         info!("shutting down: no new connections; finishing in-flight appends and acks");
-        self.shutting_down.store(true, Ordering::Release);
-        endpoint.set_server_config(None);
+        {
+            // Under the lock a reload holds while it swaps the TLS configuration, so none
+            // can put one back after this.
+            let mut held = self.endpoint.lock().expect("endpoint lock");
+            self.shutting_down.store(true, Ordering::Release);
+            endpoint.set_server_config(None);
+            held.take();
+        }
         let _ = self.shutdown.send(true);
         retention.abort();
+        reloads.abort();
         self.tasks.close();
         // Streams stop reading new frames, their pending appends complete, acks are sent.
         if tokio::time::timeout(Duration::from_secs(10), self.tasks.wait())
@@ -923,6 +943,13 @@ impl Broker {
                 Err(_) => break,
             };
             let batch_id = batch.batch_id;
+            // Rights are read at every batch: one removed by an ACL reload applies now.
+            if let Err(r) = self.authorize(&identity, Right::Publish, &open.channel) {
+                metrics::counter!(m::REFUSED, "op" => "publish", "code" => r.code.name())
+                    .increment(1);
+                let _ = acks.send(Ack::Refused(batch_id, r)).await;
+                break;
+            }
             match self
                 .plan_batch(
                     channel_id,
@@ -1203,6 +1230,13 @@ impl Broker {
             let head_now = *heads.borrow_and_update();
             let deliverable = credit_messages > 0 && credit_bytes > 0 && next < head_now;
             if deliverable {
+                // Rights are read at every delivery: one removed by an ACL reload applies now.
+                if let Err(r) = self.authorize(&identity, Right::Consume, &sub.channel) {
+                    metrics::counter!(m::REFUSED, "op" => "consume", "code" => r.code.name())
+                        .increment(1);
+                    writer.fail(r.code, r.message).await;
+                    break;
+                }
                 let store = self.store.clone();
                 let max_messages = (credit_messages as usize).min(DELIVER_MESSAGES);
                 let max_bytes = credit_bytes.min(DELIVER_BYTES);

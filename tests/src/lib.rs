@@ -106,6 +106,11 @@ impl ChildBroker {
         ChildBroker::spawn(command, data, None)
     }
 
+    /// The process id (for signals).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     /// What the broker wrote to stderr so far, line by line.
     pub fn log_lines(&self) -> Vec<String> {
         self.log.lock().expect("log lock").clone()

@@ -7,6 +7,7 @@ mod consumers;
 mod end_to_end;
 mod operations;
 mod rebuild;
+mod rotation;
 mod security;
 
 /// The `directmq` command line under test (Cargo builds it for this test target).

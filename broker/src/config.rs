@@ -56,6 +56,14 @@ pub struct Config {
     /// How often the certificate, key, CA and ACL files are checked for changes (they are
     /// also reloaded on SIGHUP); 0 turns the check off.
     pub reload_interval_ms: u64,
+    /// Accept connections without a client certificate that present a signed token in
+    /// their Hello (`directmq token issue`). Off: a certificate is required in the TLS
+    /// handshake.
+    pub allow_tokens: bool,
+    /// Token signing keys; `<data>/token-keys.toml` when unset (created on first start).
+    pub token_keys: Option<PathBuf>,
+    /// Longest lifetime of an issued or renewed token.
+    pub max_token_ttl_ms: u64,
     /// Per-channel settings by name prefix (`[[channel]]` tables); the longest matching
     /// prefix wins, unset keys fall back to the broker-wide value.
     #[serde(rename = "channel")]
@@ -101,6 +109,9 @@ impl Default for Config {
             idle_timeout_ms: 30_000,
             stalled_after_ms: 60_000,
             reload_interval_ms: 2_000,
+            allow_tokens: false,
+            token_keys: None,
+            max_token_ttl_ms: 30 * 24 * 3_600_000,
             channels: Vec::new(),
         }
     }
@@ -232,6 +243,9 @@ impl Config {
                 "must be at least 1000",
             );
         }
+        if self.max_token_ttl_ms == 0 {
+            return invalid("max_token_ttl_ms", 0, "must be positive");
+        }
         if self.stalled_after_ms == 0 {
             return invalid("stalled_after_ms", 0, "must be positive");
         }
@@ -298,6 +312,16 @@ impl Config {
         self.acl
             .clone()
             .unwrap_or_else(|| self.data.join("acl.toml"))
+    }
+
+    pub fn token_keys_path(&self) -> PathBuf {
+        self.token_keys
+            .clone()
+            .unwrap_or_else(|| self.data.join("token-keys.toml"))
+    }
+
+    pub fn revoked_tokens_path(&self) -> PathBuf {
+        self.data.join("revoked-tokens.txt")
     }
 
     pub fn ca_files(&self) -> Vec<PathBuf> {

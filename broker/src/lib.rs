@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod reload;
 pub mod server;
 pub mod tls;
+pub mod tokens;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -39,6 +40,7 @@ pub enum StartError {
     },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The ACL or the token files could not be loaded.
     #[error("{0}")]
     Acl(String),
     #[error("could not open the log: {0}")]
@@ -108,6 +110,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         })?;
     }
     let acl = acl::Acl::load(&acl_path).map_err(StartError::Acl)?;
+    let keys_path = config.token_keys_path();
+    tokens::TokenKeys::create_if_missing(&keys_path).map_err(StartError::Acl)?;
+    let token_keys = tokens::TokenKeys::load(&keys_path).map_err(StartError::Acl)?;
+    let revocations =
+        tokens::Revocations::load(&config.revoked_tokens_path()).map_err(StartError::Acl)?;
     let net_options = NetOptions {
         idle_timeout: std::time::Duration::from_millis(config.idle_timeout_ms),
         ..NetOptions::default()
@@ -118,6 +125,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         &config.cert_path(),
         &config.key_path(),
         &net_options,
+        config.allow_tokens,
     )?;
     let socket =
         net::udp_socket(config.listen, net_options.socket_buffer_bytes).map_err(|source| {
@@ -172,7 +180,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             .await
             .expect("store open does not panic")?;
     let store = Arc::new(store);
-    let broker = Broker::new(config, store, acl);
+    let broker = Broker::new(config, store, acl, token_keys, revocations);
     let _ = serving.set(broker.clone());
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(broker.clone().run(endpoint, async move {

@@ -138,6 +138,48 @@ enum Command {
         #[command(subcommand)]
         action: CertsAction,
     },
+    /// Issue, renew and revoke tokens (for agents without a client certificate).
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Print a signed token for IDENTITY with rights on prefixes (needs admin on each).
+    Issue {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        identity: String,
+        /// A prefix it may publish under (repeatable).
+        #[arg(long)]
+        publish: Vec<String>,
+        /// A prefix it may consume under (repeatable).
+        #[arg(long)]
+        consume: Vec<String>,
+        /// A prefix it may administer (repeatable).
+        #[arg(long)]
+        admin: Vec<String>,
+        /// Lifetime, e.g. 6h, 30m.
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Duration,
+    },
+    /// Print a new token with the same id and rights, valid for TTL from now.
+    Renew {
+        #[command(flatten)]
+        conn: Conn,
+        token: String,
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Duration,
+    },
+    /// Revoke a token and its renewals, by the token or its id (survives restarts).
+    Revoke {
+        #[command(flatten)]
+        conn: Conn,
+        token_or_id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -213,11 +255,20 @@ struct Conn {
     /// Folder with ca.pem, client.pem and client.key.
     #[arg(long, env = "DIRECTMQ_CERTS", default_value = "./directmq-data/certs")]
     certs: PathBuf,
+    /// Authenticate with this token instead of client.pem (ca.pem still verifies the
+    /// broker).
+    #[arg(long, env = "DIRECTMQ_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 impl Conn {
     async fn connect(&self) -> Result<Client> {
-        let mut config = ClientConfig::from_certs_dir(&self.broker, &self.certs)?;
+        let mut config = match &self.token {
+            Some(token) => {
+                ClientConfig::with_token(&self.broker, &self.certs.join("ca.pem"), token)?
+            }
+            None => ClientConfig::from_certs_dir(&self.broker, &self.certs)?,
+        };
         config.reconnect_for = Some(Duration::from_secs(60));
         Ok(Client::connect(config).await?)
     }
@@ -342,6 +393,7 @@ async fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Certs { action } => certs(action),
+        Command::Token { action } => token(action).await,
     }
 }
 
@@ -835,6 +887,51 @@ async fn wait_in_sync(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+async fn token(action: TokenAction) -> Result<()> {
+    let show = |t: directmq_client::TokenIssued| {
+        println!("{}", t.token);
+        let expires =
+            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(t.expires_ms) * 1_000_000)
+                .ok()
+                .and_then(|d| {
+                    d.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .unwrap_or_else(|| format!("{} ms since the epoch", t.expires_ms));
+        eprintln!("token id {} expires {expires}", t.id);
+    };
+    match action {
+        TokenAction::Issue {
+            conn,
+            identity,
+            publish,
+            consume,
+            admin,
+            ttl,
+        } => {
+            let client = conn.connect().await?;
+            show(
+                client
+                    .issue_token(&identity, publish, consume, admin, ttl)
+                    .await?,
+            );
+            client.close().await;
+        }
+        TokenAction::Renew { conn, token, ttl } => {
+            let client = conn.connect().await?;
+            show(client.renew_token(&token, ttl).await?);
+            client.close().await;
+        }
+        TokenAction::Revoke { conn, token_or_id } => {
+            let client = conn.connect().await?;
+            client.revoke_token(&token_or_id).await?;
+            eprintln!("revoked");
+            client.close().await;
+        }
+    }
+    Ok(())
 }
 
 fn certs(action: CertsAction) -> Result<()> {

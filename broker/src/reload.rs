@@ -1,5 +1,5 @@
-//! Rotation without restart (SPEC §3): the server certificate and key, the CA set and the
-//! ACL are reloaded on SIGHUP and when their files change. New connections use the new TLS
+//! Rotation without restart (SPEC §3): the server certificate and key, the CA set, the ACL
+//! and the token signing keys are reloaded on SIGHUP and when their files change. New connections use the new TLS
 //! material at once; rights are read at every operation, so a removed right applies to open
 //! connections at their next operation. A file that does not load leaves the old material
 //! in force, with one clear log line.
@@ -14,6 +14,7 @@ use tracing::{error, info};
 use crate::acl::Acl;
 use crate::server::Broker;
 use crate::tls;
+use crate::tokens::TokenKeys;
 
 /// What one reload did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,11 +23,13 @@ pub struct ReloadReport {
     pub acl: Result<(), String>,
     /// The certificate, key and CA files were read and new connections use them.
     pub tls: Result<(), String>,
+    /// The token keys were read and verify and sign from now on.
+    pub token_keys: Result<(), String>,
 }
 
 impl ReloadReport {
     pub fn is_ok(&self) -> bool {
-        self.acl.is_ok() && self.tls.is_ok()
+        self.acl.is_ok() && self.tls.is_ok() && self.token_keys.is_ok()
     }
 }
 
@@ -36,6 +39,7 @@ impl Broker {
         let config = self.config();
         let mut files = vec![config.acl_path(), config.cert_path(), config.key_path()];
         files.extend(config.ca_files());
+        files.push(config.token_keys_path());
         files
     }
 
@@ -61,6 +65,7 @@ impl Broker {
             &config.cert_path(),
             &config.key_path(),
             &self.net_options(),
+            config.allow_tokens,
         ) {
             Ok(server_config) => {
                 let endpoint = self.endpoint.lock().expect("endpoint lock");
@@ -82,7 +87,21 @@ impl Broker {
                 Err(message)
             }
         };
-        ReloadReport { acl, tls }
+        let token_keys = match TokenKeys::load(&config.token_keys_path()) {
+            Ok(keys) => {
+                *self.token_keys.write().expect("token keys lock") = Arc::new(keys);
+                Ok(())
+            }
+            Err(e) => {
+                error!("{e}; the previous token keys stay in force");
+                Err(e)
+            }
+        };
+        ReloadReport {
+            acl,
+            tls,
+            token_keys,
+        }
     }
 
     /// Reloads whenever one of the files changes, checked every `reload_interval_ms`.

@@ -18,6 +18,7 @@ use crate::acl::{Acl, Right};
 use crate::config::{ChannelSettings, Config};
 use crate::engine::{self, Incoming, PublishDecision, Refusal};
 use crate::metrics as m;
+use crate::tokens::{Claims, Revocations, TokenKeys};
 
 /// How long a new stream may take to send its first frame.
 const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,6 +50,8 @@ pub struct Broker {
     config: Config,
     store: Arc<Store>,
     pub(crate) acl: RwLock<Arc<Acl>>,
+    pub(crate) token_keys: RwLock<Arc<TokenKeys>>,
+    revocations: Revocations,
     /// The QUIC endpoint, once serving: reloads swap its TLS configuration.
     pub(crate) endpoint: Mutex<Option<quinn::Endpoint>>,
     /// Active consumer sessions: (channel id, consumer name).
@@ -78,11 +81,19 @@ impl std::fmt::Debug for Broker {
 }
 
 impl Broker {
-    pub fn new(config: Config, store: Arc<Store>, acl: Acl) -> Arc<Broker> {
+    pub fn new(
+        config: Config,
+        store: Arc<Store>,
+        acl: Acl,
+        token_keys: TokenKeys,
+        revocations: Revocations,
+    ) -> Arc<Broker> {
         Arc::new(Broker {
             config,
             store,
             acl: RwLock::new(Arc::new(acl)),
+            token_keys: RwLock::new(Arc::new(token_keys)),
+            revocations,
             endpoint: Mutex::new(None),
             sessions: Mutex::new(HashSet::new()),
             heads: Mutex::new(HashMap::new()),
@@ -117,18 +128,89 @@ impl Broker {
         self.acl.read().expect("acl lock").clone()
     }
 
-    fn authorize(&self, identity: &str, right: Right, channel: &str) -> Result<(), Refusal> {
-        if self.acl().allows(identity, right, channel) {
+    /// Whether `who` may do `right` on `channel`: the ACL grants it to the identity, and a
+    /// token, if that is how `who` came in, covers it and is neither expired nor revoked.
+    /// Read at every operation, so reloads and revocations apply at once.
+    pub(crate) fn authorize(
+        &self,
+        who: &Principal,
+        right: Right,
+        channel: &str,
+    ) -> Result<(), Refusal> {
+        self.check_token(who)?;
+        let token_allows = who.token.as_ref().is_none_or(|t| t.allows(right, channel));
+        if token_allows && self.acl().allows(&who.name, right, channel) {
             Ok(())
         } else {
             Err(Refusal::new(
                 ErrorCode::UNAUTHORIZED,
                 format!(
-                    "identity {identity:?} has no {} right on channel {channel:?}",
+                    "identity {:?}{} has no {} right on channel {channel:?}",
+                    who.name,
+                    if who.token.is_some() {
+                        " (by token)"
+                    } else {
+                        ""
+                    },
                     right.as_str()
                 ),
             ))
         }
+    }
+
+    /// A token that expired or was revoked since the connection began stops working.
+    fn check_token(&self, who: &Principal) -> Result<(), Refusal> {
+        let Some(token) = &who.token else {
+            return Ok(());
+        };
+        if self.revocations.is_revoked(&token.id) {
+            return Err(Refusal::new(
+                ErrorCode::UNAUTHORIZED,
+                format!("the token {} was revoked", token.id),
+            ));
+        }
+        if now_ms() >= token.exp {
+            return Err(Refusal::new(
+                ErrorCode::UNAUTHORIZED,
+                format!("the token {} expired; renew it before it expires", token.id),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A requested token lifetime, checked against `max_token_ttl_ms`.
+    fn token_ttl(&self, ttl_ms: u64) -> Result<u64, Refusal> {
+        let max = self.config.max_token_ttl_ms;
+        if ttl_ms == 0 || ttl_ms > max {
+            return Err(Refusal::new(
+                ErrorCode::INVALID_NAME,
+                format!("a token lifetime must be between 1 ms and max_token_ttl_ms ({max} ms); {ttl_ms} ms was asked"),
+            ));
+        }
+        Ok(ttl_ms)
+    }
+
+    fn sign(&self, claims: Claims) -> ResponseBody {
+        let (id, expires_ms) = (claims.id.clone(), claims.exp);
+        let token = self
+            .token_keys
+            .read()
+            .expect("token keys lock")
+            .sign(claims);
+        ResponseBody::Token(proto::TokenIssued {
+            token,
+            id,
+            expires_ms,
+        })
+    }
+
+    /// Whether `who` sees `channel` in listings, status and watches: it may consume it.
+    fn may_see(&self, acl: &Acl, who: &Principal, channel: &str) -> bool {
+        acl.may_see(&who.name, channel)
+            && who
+                .token
+                .as_ref()
+                .is_none_or(|t| t.allows(Right::Consume, channel) && self.check_token(who).is_ok())
     }
 
     /// The durable-head notifier of a channel, created from the state on first use.
@@ -288,14 +370,18 @@ impl Broker {
                 return;
             }
         };
-        let Some(identity) = crate::tls::peer_identity(&connection) else {
+        // Without a certificate (possible only when tokens are allowed) the identity comes
+        // from the token in the Hello.
+        let identity = crate::tls::peer_identity(&connection);
+        if identity.is_none() && !self.config.allow_tokens {
             connection.close(
                 1u32.into(),
                 b"a client certificate with a common name is required",
             );
             return;
-        };
-        let span = tracing::info_span!("conn", %remote, %identity);
+        }
+        let shown = identity.clone().unwrap_or_else(|| "(token)".into());
+        let span = tracing::info_span!("conn", %remote, identity = %shown);
         self.connections.fetch_add(1, Ordering::AcqRel);
         metrics::gauge!(m::CONNECTIONS).increment(1.0);
         self.clone()
@@ -306,10 +392,44 @@ impl Broker {
         metrics::gauge!(m::CONNECTIONS).decrement(1.0);
     }
 
+    /// Who a Hello speaks for: the certificate's identity, or the identity of a valid token
+    /// when the connection has no certificate.
+    fn principal(
+        &self,
+        certificate: Option<String>,
+        token: Option<&str>,
+    ) -> Result<Principal, Refusal> {
+        match (certificate, token) {
+            (Some(name), None) => Ok(Principal { name, token: None }),
+            (Some(_), Some(_)) => Err(Refusal::new(
+                ErrorCode::UNAUTHORIZED,
+                "present a client certificate or a token, not both",
+            )),
+            (None, None) => Err(Refusal::new(
+                ErrorCode::UNAUTHORIZED,
+                "a client certificate or a token is required",
+            )),
+            (None, Some(token)) => {
+                let claims = self
+                    .token_keys
+                    .read()
+                    .expect("token keys lock")
+                    .verify(token)
+                    .map_err(|e| Refusal::new(ErrorCode::UNAUTHORIZED, e.to_string()))?;
+                let principal = Principal {
+                    name: claims.sub.clone(),
+                    token: Some(claims),
+                };
+                self.check_token(&principal)?;
+                Ok(principal)
+            }
+        }
+    }
+
     async fn serve_connection(
         self: Arc<Self>,
         connection: quinn::Connection,
-        identity: String,
+        identity: Option<String>,
         remote: SocketAddr,
     ) {
         let max_frame = proto::max_frame_bytes(self.config.max_message_bytes);
@@ -322,9 +442,20 @@ impl Broker {
         };
         let mut writer = FrameWriter::new(send);
         let mut reader = FrameReader::new(recv, max_frame);
-        match tokio::time::timeout(FIRST_FRAME_TIMEOUT, reader.next()).await {
+        let principal = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, reader.next()).await {
             Ok(Ok(Some(Frame::Hello(hello)))) if hello.version == proto::PROTOCOL_VERSION => {
                 debug!(client = %hello.client, "hello");
+                match self.principal(identity, hello.token.as_deref()) {
+                    Ok(p) => p,
+                    Err(r) => {
+                        info!(reason = %r.message, "refusing a client");
+                        metrics::counter!(m::REFUSED, "op" => "connect", "code" => r.code.name())
+                            .increment(1);
+                        writer.fail(r.code, r.message).await;
+                        close_after_flush(&connection, r.code).await;
+                        return;
+                    }
+                }
             }
             Ok(Ok(Some(Frame::Hello(hello)))) => {
                 let message = format!(
@@ -356,11 +487,11 @@ impl Broker {
                 connection.close(0u32.into(), b"no hello");
                 return;
             }
-        }
+        };
         let hello_ok = Frame::HelloOk(proto::HelloOk {
             version: proto::PROTOCOL_VERSION,
             server: format!("directmq/{}", env!("CARGO_PKG_VERSION")),
-            identity: identity.clone(),
+            identity: principal.name.clone(),
             max_message_bytes: self.config.max_message_bytes,
             max_frame_bytes: max_frame,
         });
@@ -368,7 +499,7 @@ impl Broker {
             return;
         }
         debug!(%remote, "connection ready");
-        let identity: Arc<str> = identity.into();
+        let identity: Arc<Principal> = Arc::new(principal);
         {
             let broker = self.clone();
             let identity = identity.clone();
@@ -408,7 +539,7 @@ impl Broker {
 
     async fn stream(
         self: Arc<Self>,
-        identity: Arc<str>,
+        identity: Arc<Principal>,
         mut writer: FrameWriter,
         mut reader: FrameReader,
     ) {
@@ -454,7 +585,7 @@ impl Broker {
 
     async fn control(
         self: Arc<Self>,
-        identity: Arc<str>,
+        identity: Arc<Principal>,
         mut writer: FrameWriter,
         mut reader: FrameReader,
     ) {
@@ -504,7 +635,11 @@ impl Broker {
         }
     }
 
-    async fn request(&self, identity: &str, body: RequestBody) -> Result<ResponseBody, Refusal> {
+    async fn request(
+        &self,
+        identity: &Principal,
+        body: RequestBody,
+    ) -> Result<ResponseBody, Refusal> {
         match body {
             RequestBody::CreateChannel { name } => {
                 self.authorize(identity, Right::Admin, &name)?;
@@ -569,7 +704,7 @@ impl Broker {
                 let acl = self.acl();
                 let infos = self.store.with_state(|s| {
                     s.channels_with_prefix(&prefix)
-                        .filter(|c| c.durable && acl.may_see(identity, &c.name))
+                        .filter(|c| c.durable && self.may_see(&acl, identity, &c.name))
                         .map(channel_info)
                         .collect()
                 });
@@ -631,6 +766,104 @@ impl Broker {
                 self.note_progress(id, &consumer);
                 Ok(ResponseBody::Done)
             }
+            RequestBody::IssueToken {
+                identity: subject,
+                publish,
+                consume,
+                admin,
+                ttl_ms,
+            } => {
+                if let Err(e) = proto::validate_identifier(&subject) {
+                    return Err(Refusal::new(
+                        ErrorCode::INVALID_NAME,
+                        format!("invalid identity {subject:?}: {e}"),
+                    ));
+                }
+                // The issuer administers everything the token reaches.
+                for prefix in publish.iter().chain(&consume).chain(&admin) {
+                    if let Err(e) = proto::validate_prefix(prefix) {
+                        return Err(Refusal::new(
+                            ErrorCode::INVALID_CHANNEL_NAME,
+                            format!("invalid prefix {prefix:?}: {e}"),
+                        ));
+                    }
+                    self.authorize(identity, Right::Admin, prefix)?;
+                }
+                let now = now_ms();
+                let claims = Claims {
+                    id: crate::tokens::new_id()
+                        .map_err(|e| Refusal::new(ErrorCode::STORAGE_ERROR, e))?,
+                    sub: subject,
+                    publish,
+                    consume,
+                    admin,
+                    iat: now,
+                    exp: now.saturating_add(self.token_ttl(ttl_ms)?),
+                    kid: String::new(),
+                };
+                Ok(self.sign(claims))
+            }
+            RequestBody::RenewToken { token, ttl_ms } => {
+                let keys = self.token_keys.read().expect("token keys lock").clone();
+                let old = keys
+                    .verify(&token)
+                    .map_err(|e| Refusal::new(ErrorCode::UNAUTHORIZED, e.to_string()))?;
+                // The token's own holder may renew it; so may whoever administers its scope.
+                let own = identity.token.as_ref().is_some_and(|t| t.id == old.id);
+                if !own {
+                    for prefix in old.publish.iter().chain(&old.consume).chain(&old.admin) {
+                        self.authorize(identity, Right::Admin, prefix)?;
+                    }
+                }
+                self.check_token(&Principal {
+                    name: old.sub.clone(),
+                    token: Some(old.clone()),
+                })?;
+                let now = now_ms();
+                let claims = Claims {
+                    iat: now,
+                    exp: now.saturating_add(self.token_ttl(ttl_ms)?),
+                    ..old
+                };
+                Ok(self.sign(claims))
+            }
+            RequestBody::RevokeToken { token_or_id } => {
+                let keys = self.token_keys.read().expect("token keys lock").clone();
+                let (id, exp) = match keys.verify(&token_or_id) {
+                    Ok(claims) => {
+                        for prefix in claims
+                            .publish
+                            .iter()
+                            .chain(&claims.consume)
+                            .chain(&claims.admin)
+                        {
+                            self.authorize(identity, Right::Admin, prefix)?;
+                        }
+                        (claims.id, claims.exp)
+                    }
+                    Err(_)
+                        if token_or_id.len() == 32
+                            && token_or_id.bytes().all(|b| b.is_ascii_hexdigit()) =>
+                    {
+                        // By id alone the scope is unknown: only an administrator of
+                        // everything may revoke it.
+                        self.authorize(identity, Right::Admin, "")?;
+                        (token_or_id, u64::MAX)
+                    }
+                    Err(e) => {
+                        return Err(Refusal::new(
+                            ErrorCode::INVALID_NAME,
+                            format!("neither a valid token nor a token id: {e}"),
+                        ))
+                    }
+                };
+                let revocations = &self.revocations;
+                let now = now_ms();
+                tokio::task::block_in_place(|| revocations.revoke(&id, exp, now))
+                    .map_err(|e| Refusal::new(ErrorCode::STORAGE_ERROR, e))?;
+                info!(token = %id, "token revoked");
+                Ok(ResponseBody::Done)
+            }
             _ => Err(Refusal::new(ErrorCode::UNEXPECTED_FRAME, "unknown request")),
         }
     }
@@ -675,12 +908,16 @@ impl Broker {
             })
     }
 
-    fn status(&self, identity: &str, prefix: &str) -> Result<Vec<proto::ChannelStatus>, Refusal> {
+    fn status(
+        &self,
+        identity: &Principal,
+        prefix: &str,
+    ) -> Result<Vec<proto::ChannelStatus>, Refusal> {
         let acl = self.acl();
         let now = now_ms();
         let channels: Vec<StatusRow> = self.store.with_state(|s| {
             s.channels_with_prefix(prefix)
-                .filter(|c| c.durable && acl.may_see(identity, &c.name))
+                .filter(|c| c.durable && self.may_see(&acl, identity, &c.name))
                 .map(|c| {
                     (
                         channel_info(c),
@@ -800,11 +1037,11 @@ impl Broker {
     // ---- watch stream (§4.4) ----
 
     /// The channels under `prefix` that `identity` may see now.
-    fn visible_channels(&self, identity: &str, prefix: &str) -> Vec<String> {
+    fn visible_channels(&self, identity: &Principal, prefix: &str) -> Vec<String> {
         let acl = self.acl();
         self.store.with_state(|s| {
             s.channels_with_prefix(prefix)
-                .filter(|c| c.durable && acl.may_see(identity, &c.name))
+                .filter(|c| c.durable && self.may_see(&acl, identity, &c.name))
                 .map(|c| c.name.clone())
                 .collect()
         })
@@ -812,7 +1049,7 @@ impl Broker {
 
     async fn watch(
         self: Arc<Self>,
-        identity: Arc<str>,
+        identity: Arc<Principal>,
         prefix: String,
         mut writer: FrameWriter,
         mut reader: FrameReader,
@@ -846,7 +1083,7 @@ impl Broker {
                     Ok(change) => {
                         // Rights are checked at each change, so a revoked right applies at once.
                         if !change.name.starts_with(prefix.as_str())
-                            || !self.acl().may_see(&identity, &change.name)
+                            || !self.may_see(&self.acl(), &identity, &change.name)
                         {
                             continue;
                         }
@@ -887,7 +1124,7 @@ impl Broker {
 
     async fn publish(
         self: Arc<Self>,
-        identity: Arc<str>,
+        identity: Arc<Principal>,
         open: proto::OpenPublish,
         mut writer: FrameWriter,
         mut reader: FrameReader,
@@ -982,7 +1219,7 @@ impl Broker {
 
     async fn open_publish(
         &self,
-        identity: &str,
+        identity: &Principal,
         open: &proto::OpenPublish,
     ) -> Result<(u64, Option<u64>, u64), Refusal> {
         if let Err(e) = proto::validate_channel_name(&open.channel) {
@@ -1177,7 +1414,7 @@ impl Broker {
 
     async fn consume(
         self: Arc<Self>,
-        identity: Arc<str>,
+        identity: Arc<Principal>,
         sub: proto::Subscribe,
         mut writer: FrameWriter,
         mut reader: FrameReader,
@@ -1373,7 +1610,7 @@ impl Broker {
 
     async fn open_session(
         self: &Arc<Self>,
-        identity: &str,
+        identity: &Principal,
         sub: &proto::Subscribe,
     ) -> Result<Session, Refusal> {
         self.authorize(identity, Right::Consume, &sub.channel)?;
@@ -1462,6 +1699,14 @@ impl Broker {
             }
         }
     }
+}
+
+/// Who is on a connection: the certificate's common name, or a token's identity and
+/// claims.
+#[derive(Debug)]
+pub struct Principal {
+    pub name: String,
+    pub token: Option<Claims>,
 }
 
 /// A channel's info, id, last append time and consumer positions, taken under the lock.

@@ -203,6 +203,7 @@ pub fn server_config(
     cert: &Path,
     key: &Path,
     options: &net::NetOptions,
+    allow_tokens: bool,
 ) -> Result<quinn::ServerConfig, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for file in ca_files {
@@ -212,12 +213,20 @@ pub fn server_config(
                 .map_err(|e| TlsError::Config(format!("CA {}: {e}", file.display())))?;
         }
     }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+    let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
         net::provider(),
-    )
-    .build()
-    .map_err(|e| TlsError::Config(e.to_string()))?;
+    );
+    // With tokens allowed, a client may come without a certificate and must then present a
+    // token in its Hello; a certificate it does present is still verified.
+    let builder = if allow_tokens {
+        builder.allow_unauthenticated()
+    } else {
+        builder
+    };
+    let verifier = builder
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(net::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?

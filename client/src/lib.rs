@@ -45,7 +45,9 @@ use directmq_protocol::{self as proto, ErrorCode, Frame, RequestBody, ResponseBo
 use tokio::sync::Mutex;
 
 pub use consumer::{Consumer, Message};
-pub use directmq_protocol::{ChannelInfo, ChannelStatus, ConsumerStatus, StartPosition};
+pub use directmq_protocol::{
+    ChannelInfo, ChannelStatus, ConsumerStatus, StartPosition, TokenIssued,
+};
 pub use producer::{PendingAck, Producer, ProducerOptions, Receipt};
 pub use watch::{ChannelChange, Watcher};
 pub use wire::{FrameReader, FrameWriter, StreamError};
@@ -130,6 +132,9 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// Stop reconnecting after this long without success (`None`: never give up).
     pub reconnect_for: Option<Duration>,
+    /// A token (`directmq token issue`) sent in the hello, for a client without a
+    /// certificate; see [`ClientConfig::with_token`].
+    pub token: Option<String>,
 }
 
 impl ClientConfig {
@@ -143,6 +148,22 @@ impl ClientConfig {
             net: net::NetOptions::default(),
             connect_timeout: Duration::from_secs(10),
             reconnect_for: None,
+            token: None,
+        })
+    }
+
+    /// A config that authenticates with `token` instead of a client certificate and
+    /// verifies the broker with the CA in `ca_file`.
+    pub fn with_token(broker: &str, ca_file: &Path, token: &str) -> Result<ClientConfig, Error> {
+        Ok(ClientConfig {
+            broker: broker.to_owned(),
+            server_name: None,
+            tls: Arc::new(net::token_tls(ca_file)?),
+            client_name: format!("directmq-client/{}", env!("CARGO_PKG_VERSION")),
+            net: net::NetOptions::default(),
+            connect_timeout: Duration::from_secs(10),
+            reconnect_for: None,
+            token: Some(token.to_owned()),
         })
     }
 
@@ -271,6 +292,7 @@ impl Client {
             .write(&Frame::Hello(proto::Hello {
                 version: proto::PROTOCOL_VERSION,
                 client: config.client_name.clone(),
+                token: config.token.clone(),
             }))
             .await?;
         let hello = match tokio::time::timeout(config.connect_timeout, reader.next()).await {
@@ -483,6 +505,52 @@ impl Client {
     /// channel is reported as created, then every creation and deletion, across reconnects.
     pub async fn watch(&self, prefix: &str) -> Result<Watcher, Error> {
         Watcher::open(self.clone(), prefix).await
+    }
+
+    /// Signs a token for `identity` with rights on the given prefixes, valid for `ttl`.
+    /// Needs the `admin` right on every prefix it grants.
+    pub async fn issue_token(
+        &self,
+        identity: &str,
+        publish: Vec<String>,
+        consume: Vec<String>,
+        admin: Vec<String>,
+        ttl: Duration,
+    ) -> Result<TokenIssued, Error> {
+        self.token_request(RequestBody::IssueToken {
+            identity: identity.into(),
+            publish,
+            consume,
+            admin,
+            ttl_ms: ttl.as_millis().min(u128::from(u64::MAX)) as u64,
+        })
+        .await
+    }
+
+    /// A new token with the same id and rights as `token`, valid for `ttl` from now;
+    /// `token` must not have expired or been revoked.
+    pub async fn renew_token(&self, token: &str, ttl: Duration) -> Result<TokenIssued, Error> {
+        self.token_request(RequestBody::RenewToken {
+            token: token.into(),
+            ttl_ms: ttl.as_millis().min(u128::from(u64::MAX)) as u64,
+        })
+        .await
+    }
+
+    /// Revokes a token and its renewals, by the token or its id; survives restarts.
+    pub async fn revoke_token(&self, token_or_id: &str) -> Result<(), Error> {
+        self.request(RequestBody::RevokeToken {
+            token_or_id: token_or_id.into(),
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn token_request(&self, body: RequestBody) -> Result<TokenIssued, Error> {
+        match self.request(body).await? {
+            ResponseBody::Token(t) => Ok(t),
+            other => Err(Error::Protocol(format!("unexpected response {other:?}"))),
+        }
     }
 
     /// Closes the connection; open producers and consumers fail.

@@ -119,13 +119,7 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, crate::Error> {
 /// A client TLS configuration from a certs folder holding `ca.pem`, `client.pem` and
 /// `client.key`.
 pub fn client_tls(certs_dir: &Path) -> Result<rustls::ClientConfig, crate::Error> {
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in load_certs(&certs_dir.join("ca.pem"))? {
-        roots.add(ca).map_err(|e| crate::Error::Certificates {
-            path: certs_dir.join("ca.pem"),
-            reason: e.to_string(),
-        })?;
-    }
+    let roots = roots(&certs_dir.join("ca.pem"))?;
     let chain = load_certs(&certs_dir.join("client.pem"))?;
     let key = load_key(&certs_dir.join("client.key"))?;
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
@@ -139,4 +133,27 @@ pub fn client_tls(certs_dir: &Path) -> Result<rustls::ClientConfig, crate::Error
         })?;
     tls.alpn_protocols = vec![directmq_protocol::ALPN.to_vec()];
     Ok(tls)
+}
+
+/// TLS for a client that authenticates with a token instead of a certificate: it still
+/// verifies the broker against `ca_file`.
+pub fn token_tls(ca_file: &Path) -> Result<rustls::ClientConfig, crate::Error> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("ring supports TLS 1.3")
+        .with_root_certificates(roots(ca_file)?)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![directmq_protocol::ALPN.to_vec()];
+    Ok(tls)
+}
+
+fn roots(ca_file: &Path) -> Result<rustls::RootCertStore, crate::Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in load_certs(ca_file)? {
+        roots.add(ca).map_err(|e| crate::Error::Certificates {
+            path: ca_file.to_owned(),
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(roots)
 }

@@ -56,6 +56,8 @@ pub struct Hello {
     pub version: u16,
     /// Free text naming the client software, for logs.
     pub client: String,
+    /// A signed token (§3), for a client that connects without a certificate.
+    pub token: Option<String>,
 }
 
 /// The broker accepts the connection.
@@ -126,6 +128,24 @@ pub enum RequestBody {
         consumer: String,
         to: StartPosition,
     },
+    /// Signs a token for `identity` with rights on prefixes, valid for `ttl_ms`.
+    IssueToken {
+        identity: String,
+        publish: Vec<String>,
+        consume: Vec<String>,
+        admin: Vec<String>,
+        ttl_ms: u64,
+    },
+    /// A new token with the same id and rights, valid for `ttl_ms` from now; the old one
+    /// must not have expired or been revoked.
+    RenewToken {
+        token: String,
+        ttl_ms: u64,
+    },
+    /// Revokes a token (and every renewal of it) by the token or its id, for good.
+    RevokeToken {
+        token_or_id: String,
+    },
 }
 
 /// A control-stream response.
@@ -143,6 +163,17 @@ pub enum ResponseBody {
     Channels(Vec<ChannelInfo>),
     Status(Vec<ChannelStatus>),
     LastSequence(Option<u64>),
+    Token(TokenIssued),
+}
+
+/// A signed token and what it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenIssued {
+    pub token: String,
+    /// Shared by the token and its renewals; what revocation names.
+    pub id: String,
+    /// Broker time after which the token is refused, ms since the Unix epoch.
+    pub expires_ms: u64,
 }
 
 /// One channel in a listing.

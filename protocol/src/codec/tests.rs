@@ -141,6 +141,15 @@ fn samples() -> Vec<(&'static str, Frame)> {
             Frame::Hello(Hello {
                 version: PROTOCOL_VERSION,
                 client: "dmq/0.1".into(),
+                token: None,
+            }),
+        ),
+        (
+            "hello_token",
+            Frame::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                client: "dmq/0.1".into(),
+                token: Some("dmq1.e30.c2ln".into()),
             }),
         ),
         (
@@ -251,6 +260,38 @@ fn samples() -> Vec<(&'static str, Frame)> {
                 },
             ),
         ),
+        (
+            "request_issue_token",
+            request(
+                10,
+                RequestBody::IssueToken {
+                    identity: "dc-b-agent".into(),
+                    publish: vec![],
+                    consume: vec!["dc-a/".into()],
+                    admin: vec![],
+                    ttl_ms: 3_600_000,
+                },
+            ),
+        ),
+        (
+            "request_renew_token",
+            request(
+                11,
+                RequestBody::RenewToken {
+                    token: "dmq1.e30.c2ln".into(),
+                    ttl_ms: 60_000,
+                },
+            ),
+        ),
+        (
+            "request_revoke_token",
+            request(
+                12,
+                RequestBody::RevokeToken {
+                    token_or_id: "00ff".into(),
+                },
+            ),
+        ),
         ("response_done", response(1, ResponseBody::Done)),
         (
             "response_channels",
@@ -282,6 +323,17 @@ fn samples() -> Vec<(&'static str, Frame)> {
         (
             "response_last_sequence_none",
             response(5, ResponseBody::LastSequence(None)),
+        ),
+        (
+            "response_token",
+            response(
+                10,
+                ResponseBody::Token(TokenIssued {
+                    token: "dmq1.e30.c2ln".into(),
+                    id: "00ff".into(),
+                    expires_ms: 1_700_000_000_000,
+                }),
+            ),
         ),
         (
             "open_publish",
@@ -510,9 +562,12 @@ fn request_variant(body: &RequestBody) -> usize {
         RequestBody::Status { .. } => 3,
         RequestBody::LastSequence { .. } => 4,
         RequestBody::ResetConsumer { .. } => 5,
+        RequestBody::IssueToken { .. } => 6,
+        RequestBody::RenewToken { .. } => 7,
+        RequestBody::RevokeToken { .. } => 8,
     }
 }
-const REQUEST_VARIANTS: usize = 6;
+const REQUEST_VARIANTS: usize = 9;
 
 fn response_variant(body: &ResponseBody) -> usize {
     match body {
@@ -520,9 +575,10 @@ fn response_variant(body: &ResponseBody) -> usize {
         ResponseBody::Channels(_) => 1,
         ResponseBody::Status(_) => 2,
         ResponseBody::LastSequence(_) => 3,
+        ResponseBody::Token(_) => 4,
     }
 }
-const RESPONSE_VARIANTS: usize = 4;
+const RESPONSE_VARIANTS: usize = 5;
 
 fn start_variant(start: StartPosition) -> usize {
     match start {
@@ -732,8 +788,14 @@ fn encode_chunks_emits_a_single_chunk_below_the_coalescing_threshold() {
 const GOLDEN: &[(&str, &str)] = &[
     (
         "hello",
-        "00000011 01 00000011 \
-         01000700000000000000646d712f302e31",
+        "00000012 01 00000012 \
+         01000700000000000000646d712f302e3100",
+    ),
+    (
+        "hello_token",
+        "00000027 01 00000027 \
+         01000700000000000000646d712f302e31010d00000000000000646d71312e65 \
+         33302e63326c6e",
     ),
     (
         "hello_ok",
@@ -797,6 +859,24 @@ const GOLDEN: &[(&str, &str)] = &[
          00000064632d62030000000068e5cf8b010000",
     ),
     (
+        "request_issue_token",
+        "0000004b 04 0000004b \
+         0a00000000000000060000000a0000000000000064632d622d6167656e740000 \
+         0000000000000100000000000000050000000000000064632d612f0000000000 \
+         00000080ee360000000000",
+    ),
+    (
+        "request_renew_token",
+        "00000029 04 00000029 \
+         0b00000000000000070000000d00000000000000646d71312e6533302e63326c \
+         6e60ea000000000000",
+    ),
+    (
+        "request_revoke_token",
+        "00000018 04 00000018 \
+         0c0000000000000008000000040000000000000030306666",
+    ),
+    (
         "response_done",
         "0000000c 05 0000000c \
          010000000000000000000000",
@@ -826,6 +906,12 @@ const GOLDEN: &[(&str, &str)] = &[
         "response_last_sequence_none",
         "0000000d 05 0000000d \
          05000000000000000300000000",
+    ),
+    (
+        "response_token",
+        "00000035 05 00000035 \
+         0a00000000000000040000000d00000000000000646d71312e6533302e63326c6e \
+         0400000000000000303066660068e5cf8b010000",
     ),
     (
         "open_publish",

@@ -33,6 +33,7 @@ async fn hello(
         .write(&Frame::Hello(proto::Hello {
             version,
             client: "test".into(),
+            token: None,
         }))
         .await?;
     let reply = reader.next().await?;

@@ -9,6 +9,7 @@ mod operations;
 mod rebuild;
 mod rotation;
 mod security;
+mod tokens;
 
 /// The `directmq` command line under test (Cargo builds it for this test target).
 pub fn directmq_bin() -> std::path::PathBuf {

@@ -51,6 +51,13 @@ pub struct Config {
     pub retention_interval_ms: u64,
     /// Connections idle this long are closed.
     pub idle_timeout_ms: u64,
+    /// Connections in their handshake at once; more wait or are refused (handshake flood).
+    pub max_handshakes: u32,
+    /// Streams one connection may have open at once (one per channel it publishes to or
+    /// consumes, plus control and watches).
+    pub max_streams_per_connection: u32,
+    /// A frame must finish arriving this long after its first byte (slow senders).
+    pub frame_timeout_ms: u64,
     /// A consumer with lag whose commit has not moved for this long is reported stalled.
     pub stalled_after_ms: u64,
     /// How often the certificate, key, CA and ACL files are checked for changes (they are
@@ -107,6 +114,9 @@ impl Default for Config {
             max_connections: 10_000,
             retention_interval_ms: 10_000,
             idle_timeout_ms: 30_000,
+            max_handshakes: 1024,
+            max_streams_per_connection: 20_000,
+            frame_timeout_ms: 120_000,
             stalled_after_ms: 60_000,
             reload_interval_ms: 2_000,
             allow_tokens: false,
@@ -243,6 +253,23 @@ impl Config {
                 "must be at least 1000",
             );
         }
+        if self.max_handshakes == 0 {
+            return invalid("max_handshakes", 0, "must be positive");
+        }
+        if self.max_streams_per_connection < 2 {
+            return invalid(
+                "max_streams_per_connection",
+                u64::from(self.max_streams_per_connection),
+                "must be at least 2 (the control stream and one more)",
+            );
+        }
+        if self.frame_timeout_ms < 100 {
+            return invalid(
+                "frame_timeout_ms",
+                self.frame_timeout_ms,
+                "must be at least 100",
+            );
+        }
         if self.max_token_ttl_ms == 0 {
             return invalid("max_token_ttl_ms", 0, "must be positive");
         }
@@ -342,6 +369,16 @@ impl Config {
         self.key
             .clone()
             .unwrap_or_else(|| self.certs_dir().join("server.key"))
+    }
+
+    /// The QUIC transport settings of the broker's endpoint.
+    pub fn net_options(&self) -> directmq_client::net::NetOptions {
+        directmq_client::net::NetOptions {
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            max_streams: self.max_streams_per_connection,
+            max_handshakes: self.max_handshakes,
+            ..directmq_client::net::NetOptions::default()
+        }
     }
 
     pub fn store_options(&self) -> directmq_storage::StoreOptions {

@@ -26,7 +26,7 @@ use std::sync::Arc;
 pub use config::Config;
 pub use server::Broker;
 
-use directmq_client::net::{self, NetOptions};
+use directmq_client::net;
 use tokio::sync::oneshot;
 
 /// Why the broker could not start.
@@ -115,11 +115,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let token_keys = tokens::TokenKeys::load(&keys_path).map_err(StartError::Acl)?;
     let revocations =
         tokens::Revocations::load(&config.revoked_tokens_path()).map_err(StartError::Acl)?;
-    let net_options = NetOptions {
-        idle_timeout: std::time::Duration::from_millis(config.idle_timeout_ms),
-        ..NetOptions::default()
-    };
-    // Kept in step with Broker::net_options, which reloads use.
+    let net_options = config.net_options();
     let server_config = tls::server_config(
         &config.ca_files(),
         &config.cert_path(),

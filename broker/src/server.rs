@@ -118,10 +118,7 @@ impl Broker {
 
     /// QUIC transport settings for this broker's endpoint.
     pub fn net_options(&self) -> directmq_client::net::NetOptions {
-        directmq_client::net::NetOptions {
-            idle_timeout: Duration::from_millis(self.config.idle_timeout_ms),
-            ..directmq_client::net::NetOptions::default()
-        }
+        self.config.net_options()
     }
 
     pub(crate) fn acl(&self) -> Arc<Acl> {
@@ -441,7 +438,8 @@ impl Broker {
             return;
         };
         let mut writer = FrameWriter::new(send);
-        let mut reader = FrameReader::new(recv, max_frame);
+        let frame_timeout = Duration::from_millis(self.config.frame_timeout_ms);
+        let mut reader = FrameReader::new(recv, max_frame).with_frame_timeout(frame_timeout);
         let principal = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, reader.next()).await {
             Ok(Ok(Some(Frame::Hello(hello)))) if hello.version == proto::PROTOCOL_VERSION => {
                 debug!(client = %hello.client, "hello");
@@ -528,7 +526,7 @@ impl Broker {
                         .stream(
                             identity,
                             FrameWriter::new(send),
-                            FrameReader::new(recv, max_frame),
+                            FrameReader::new(recv, max_frame).with_frame_timeout(frame_timeout),
                         )
                         .await
                 }
@@ -601,6 +599,11 @@ impl Broker {
                 Err(StreamError::Decode(e)) => {
                     metrics::counter!(m::PROTOCOL_ERRORS, "code" => e.code().name()).increment(1);
                     writer.fail(e.code(), e.to_string()).await;
+                    return;
+                }
+                Err(e @ StreamError::SlowFrame(_)) => {
+                    metrics::counter!(m::PROTOCOL_ERRORS, "code" => "FRAME_TIMEOUT").increment(1);
+                    writer.fail(ErrorCode::FRAME_TIMEOUT, e.to_string()).await;
                     return;
                 }
                 Err(_) => return,
@@ -1177,6 +1180,13 @@ impl Broker {
                         .await;
                     break;
                 }
+                Err(e @ StreamError::SlowFrame(_)) => {
+                    // A sender that starts a frame and stalls holds no more of the broker.
+                    metrics::counter!(m::PROTOCOL_ERRORS, "code" => "FRAME_TIMEOUT").increment(1);
+                    let r = Refusal::new(ErrorCode::FRAME_TIMEOUT, e.to_string());
+                    let _ = acks.send(Ack::Refused(0, r)).await;
+                    break;
+                }
                 Err(_) => break,
             };
             let batch_id = batch.batch_id;
@@ -1574,6 +1584,11 @@ impl Broker {
                     Some(Err(StreamError::Decode(e))) => {
                         metrics::counter!(m::PROTOCOL_ERRORS, "code" => e.code().name()).increment(1);
                         writer.fail(e.code(), e.to_string()).await;
+                        break;
+                    }
+                    Some(Err(e @ StreamError::SlowFrame(_))) => {
+                        metrics::counter!(m::PROTOCOL_ERRORS, "code" => "FRAME_TIMEOUT").increment(1);
+                        writer.fail(ErrorCode::FRAME_TIMEOUT, e.to_string()).await;
                         break;
                     }
                     _ => break,

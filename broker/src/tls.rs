@@ -238,6 +238,7 @@ pub fn server_config(
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     config.transport_config(options.transport());
+    config.max_incoming(options.max_handshakes as usize);
     Ok(config)
 }
 

@@ -207,6 +207,8 @@ struct Inner {
     endpoint: quinn::Endpoint,
     conn: Mutex<Option<Arc<Conn>>>,
     next_request: AtomicU64,
+    /// Set by [`Client::close`]: nothing reconnects after it.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 /// A connection to a broker that reconnects when needed. Cheap to clone.
@@ -248,6 +250,7 @@ impl Client {
                 endpoint,
                 conn: Mutex::new(None),
                 next_request: AtomicU64::new(1),
+                closed: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         client.connection().await?;
@@ -325,6 +328,9 @@ impl Client {
     /// The live connection, reconnecting with backoff if the last one died.
     async fn connection(&self) -> Result<Arc<Conn>, Error> {
         let mut slot = self.inner.conn.lock().await;
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
         if let Some(conn) = slot.as_ref() {
             if conn.connection.close_reason().is_none() {
                 return Ok(conn.clone());
@@ -555,9 +561,13 @@ impl Client {
 
     /// Closes the connection; open producers and consumers fail.
     pub async fn close(&self) {
-        if let Some(conn) = self.inner.conn.lock().await.take() {
+        // Under the connection lock, so no producer or consumer task reconnects after it.
+        let mut slot = self.inner.conn.lock().await;
+        self.inner.closed.store(true, Ordering::Release);
+        if let Some(conn) = slot.take() {
             conn.connection.close(0u32.into(), b"client closed");
         }
+        drop(slot);
         self.inner.endpoint.wait_idle().await;
     }
 }

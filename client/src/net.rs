@@ -24,6 +24,8 @@ pub struct NetOptions {
     pub max_streams: u32,
     /// A connection with no traffic for this long is closed (keep-alives run at a third).
     pub idle_timeout: Duration,
+    /// Server side: connections accepted into their handshake at once.
+    pub max_handshakes: u32,
 }
 
 impl Default for NetOptions {
@@ -35,6 +37,7 @@ impl Default for NetOptions {
             send_window_bytes: 64 * 1024 * 1024,
             max_streams: 20_000,
             idle_timeout: Duration::from_secs(30),
+            max_handshakes: 1024,
         }
     }
 }

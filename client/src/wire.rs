@@ -15,7 +15,14 @@ pub enum StreamError {
     Write(#[from] quinn::WriteError),
     #[error("the stream ended in the middle of a frame")]
     Truncated,
+    #[error("a frame took longer than {0:?} to arrive")]
+    SlowFrame(std::time::Duration),
 }
+
+/// Buffer grown at most this much ahead of the bytes actually received, so a header that
+/// declares a large frame costs nothing until its bytes arrive (bounded by QUIC flow
+/// control).
+const RESERVE_STEP: usize = 4 * 1024 * 1024;
 
 /// Reads whole frames from a receive stream.
 #[derive(Debug)]
@@ -23,6 +30,10 @@ pub struct FrameReader {
     recv: quinn::RecvStream,
     buf: BytesMut,
     max_frame_bytes: u64,
+    /// A frame must be complete this long after its first byte arrived.
+    frame_timeout: Option<std::time::Duration>,
+    /// When the first byte of the frame being read arrived.
+    frame_started: Option<tokio::time::Instant>,
 }
 
 impl FrameReader {
@@ -31,7 +42,17 @@ impl FrameReader {
             recv,
             buf: BytesMut::with_capacity(64 * 1024),
             max_frame_bytes,
+            frame_timeout: None,
+            frame_started: None,
         }
+    }
+
+    /// Fails [`FrameReader::next`] with [`StreamError::SlowFrame`] when a frame is not
+    /// complete `timeout` after its first byte arrived (a sender that starts a frame and
+    /// stalls). Waiting between frames is not limited.
+    pub fn with_frame_timeout(mut self, timeout: std::time::Duration) -> FrameReader {
+        self.frame_timeout = Some(timeout);
+        self
     }
 
     /// The next frame, or `None` when the peer finished the stream cleanly between frames.
@@ -40,16 +61,34 @@ impl FrameReader {
         loop {
             if let Some(total) = proto::frame_len(&self.buf, self.max_frame_bytes)? {
                 debug_assert!(self.buf.len() >= total);
-                return Ok(proto::decode(&mut self.buf, self.max_frame_bytes)?);
+                let frame = proto::decode(&mut self.buf, self.max_frame_bytes)?;
+                self.frame_started = (!self.buf.is_empty()).then(tokio::time::Instant::now);
+                return Ok(frame);
             }
             if self.buf.len() >= proto::HEADER_LEN {
-                // Reserve the whole frame once instead of growing step by step.
+                // Grow towards the declared size in steps, never far ahead of what came.
                 let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
                 let total = proto::HEADER_LEN + len as usize;
-                self.buf.reserve(total.saturating_sub(self.buf.len()));
+                let missing = total.saturating_sub(self.buf.len());
+                self.buf.reserve(missing.min(RESERVE_STEP));
             }
-            match self.recv.read_chunk(1 << 20, true).await? {
-                Some(chunk) => self.buf.extend_from_slice(&chunk.bytes),
+            let read = self.recv.read_chunk(1 << 20, true);
+            let chunk = match (self.frame_timeout, self.frame_started) {
+                (Some(limit), Some(started)) => {
+                    match tokio::time::timeout_at(started + limit, read).await {
+                        Ok(chunk) => chunk?,
+                        Err(_) => return Err(StreamError::SlowFrame(limit)),
+                    }
+                }
+                _ => read.await?,
+            };
+            match chunk {
+                Some(chunk) => {
+                    if self.buf.is_empty() {
+                        self.frame_started = Some(tokio::time::Instant::now());
+                    }
+                    self.buf.extend_from_slice(&chunk.bytes);
+                }
                 None if self.buf.is_empty() => return Ok(None),
                 None => return Err(StreamError::Truncated),
             }

@@ -43,6 +43,7 @@ codes! {
     FRAME_TOO_LARGE = 3, "the frame is larger than the peer accepts";
     UNSUPPORTED_VERSION = 4, "the protocol version is not supported";
     UNEXPECTED_FRAME = 5, "the frame is not valid at this point of the stream";
+    FRAME_TIMEOUT = 6, "a frame started but did not finish arriving in time";
     INVALID_CHANNEL_NAME = 10, "the channel name is invalid";
     CHANNEL_NOT_FOUND = 11, "the channel does not exist";
     CHANNEL_EXISTS = 12, "the channel already exists";

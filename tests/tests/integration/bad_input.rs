@@ -13,7 +13,7 @@ use directmq_protocol::{self as proto, ErrorCode, Frame};
 use directmq_tests::{client, test_config};
 
 /// A QUIC connection made by hand, to send what the client library never would.
-async fn raw_connection(addr: SocketAddr, data: &Path) -> Result<quinn::Connection> {
+pub(crate) async fn raw_connection(addr: SocketAddr, data: &Path) -> Result<quinn::Connection> {
     let tls = net::client_tls(&data.join("certs"))?;
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
@@ -22,7 +22,7 @@ async fn raw_connection(addr: SocketAddr, data: &Path) -> Result<quinn::Connecti
 }
 
 /// Opens the control stream and says hello with `version`.
-async fn hello(
+pub(crate) async fn hello(
     conn: &quinn::Connection,
     version: u16,
 ) -> Result<(FrameWriter, FrameReader, Option<Frame>)> {

@@ -81,6 +81,10 @@ enum Command {
         /// One JSON line per message.
         #[arg(long)]
         json: bool,
+        /// If another session holds the consumer, wait as its standby and take over when
+        /// it ends, instead of failing.
+        #[arg(long)]
+        standby: bool,
     },
     /// List channels; with --watch, then report each one created or deleted.
     Channels {
@@ -330,7 +334,11 @@ async fn run(command: Command) -> Result<()> {
             from,
             count,
             json,
-        } => consume(conn, channel, consumer, parse_position(&from)?, count, json).await,
+            standby,
+        } => {
+            let from = parse_position(&from)?;
+            consume(conn, channel, consumer, from, count, json, standby).await
+        }
         Command::Channels {
             conn,
             prefix,
@@ -551,9 +559,15 @@ async fn consume(
     from: StartPosition,
     count: Option<u64>,
     json: bool,
+    standby: bool,
 ) -> Result<()> {
     let client = conn.connect().await?;
-    let mut consumer = client.consumer(&channel, &name, from).await?;
+    let mut consumer = if standby {
+        eprintln!("subscribing as {name} on {channel}; if another session holds it, waiting as its standby");
+        client.standby_consumer(&channel, &name, from).await?
+    } else {
+        client.consumer(&channel, &name, from).await?
+    };
     let mut seen = 0u64;
     let mut last = None;
     let mut out = std::io::stdout();

@@ -28,6 +28,8 @@ pub const REFUSED: &str = "directmq_refused_total";
 pub const BATCH_MESSAGES: &str = "directmq_publish_batch_messages";
 /// From a batch read off the stream to its ack being sent (after the fsync).
 pub const ACK_SECONDS: &str = "directmq_publish_ack_seconds";
+/// Consumer sessions waiting as standbys for an active one to end.
+pub const STANDBYS: &str = "directmq_consumer_standbys";
 /// Watch streams open.
 pub const WATCHERS: &str = "directmq_watchers";
 /// Log bytes on disk (segments).
@@ -96,6 +98,7 @@ pub fn register_all() {
         CONNECTIONS,
         CHANNELS,
         WATCHERS,
+        STANDBYS,
         STORAGE_BYTES,
         CONSUMERS_STALLED,
         storage::SEGMENTS,

@@ -56,6 +56,8 @@ pub struct Broker {
     pub(crate) endpoint: Mutex<Option<quinn::Endpoint>>,
     /// Active consumer sessions: (channel id, consumer name).
     sessions: Mutex<HashSet<(u64, String)>>,
+    /// Woken whenever a session's lease is released, for standbys.
+    lease_released: tokio::sync::Notify,
     /// Durable head per channel, for waking consumer sessions.
     heads: Mutex<HashMap<u64, watch::Sender<u64>>>,
     /// Channel creations and deletions, for watch streams.
@@ -96,6 +98,7 @@ impl Broker {
             revocations,
             endpoint: Mutex::new(None),
             sessions: Mutex::new(HashSet::new()),
+            lease_released: tokio::sync::Notify::new(),
             heads: Mutex::new(HashMap::new()),
             changes: broadcast::channel(WATCH_BACKLOG).0,
             progress: Mutex::new(HashMap::new()),
@@ -1429,7 +1432,38 @@ impl Broker {
         mut writer: FrameWriter,
         mut reader: FrameReader,
     ) {
-        let session = match self.open_session(&identity, &sub).await {
+        let mut shutdown = self.shutdown.subscribe();
+        let mut waiting = false;
+        let opened = loop {
+            // Registered before trying, so a release between the try and the wait is seen.
+            let released = self.lease_released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            match self.open_session(&identity, &sub).await {
+                Err(r) if r.code == ErrorCode::CONSUMER_BUSY && sub.standby => {
+                    if !waiting {
+                        waiting = true;
+                        metrics::gauge!(m::STANDBYS).increment(1.0);
+                        debug!(channel = %sub.channel, consumer = %sub.consumer, "waiting as a standby");
+                    }
+                    tokio::select! {
+                        () = &mut released => {}
+                        // The standby's client went away or broke the protocol.
+                        _ = reader.next() => break None,
+                        _ = shutdown.changed() => break None,
+                    }
+                }
+                other => break Some(other),
+            }
+        };
+        if waiting {
+            metrics::gauge!(m::STANDBYS).decrement(1.0);
+        }
+        let Some(opened) = opened else {
+            reader.stop(0);
+            return;
+        };
+        let session = match opened {
             Ok(s) => s,
             Err(r) => {
                 metrics::counter!(m::REFUSED, "op" => "consume", "code" => r.code.name())
@@ -1766,6 +1800,7 @@ impl Drop for Lease {
             .lock()
             .expect("sessions lock")
             .remove(&self.key);
+        self.broker.lease_released.notify_waiters();
     }
 }
 

@@ -48,6 +48,7 @@ impl Consumer {
         channel: &str,
         name: &str,
         start: StartPosition,
+        standby: bool,
     ) -> Result<Consumer, Error> {
         let subscribe = proto::Subscribe {
             channel: channel.to_owned(),
@@ -55,6 +56,7 @@ impl Consumer {
             start,
             credit_messages: CREDIT_MESSAGES,
             credit_bytes: CREDIT_BYTES,
+            standby,
         };
         let (stream, subscribed) = open_stream(&client, &subscribe).await?;
         let (messages_tx, messages) = mpsc::unbounded_channel();

@@ -504,7 +504,21 @@ impl Client {
         name: &str,
         start: StartPosition,
     ) -> Result<Consumer, Error> {
-        Consumer::open(self.clone(), channel, name, start).await
+        Consumer::open(self.clone(), channel, name, start, false).await
+    }
+
+    /// Like [`Client::consumer`], but when another session holds the consumer this one
+    /// waits as its standby instead of failing with `CONSUMER_BUSY`: the call returns once
+    /// the active session has ended (its connection closed, or went silent past the
+    /// broker's idle timeout), and delivery continues right after the last commit. Run one
+    /// per target datacenter agent replica for a hot standby.
+    pub async fn standby_consumer(
+        &self,
+        channel: &str,
+        name: &str,
+        start: StartPosition,
+    ) -> Result<Consumer, Error> {
+        Consumer::open(self.clone(), channel, name, start, true).await
     }
 
     /// Watches `prefix` (`""` for every channel the identity may see): first each existing

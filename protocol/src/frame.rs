@@ -275,6 +275,9 @@ pub struct Subscribe {
     pub start: StartPosition,
     pub credit_messages: u32,
     pub credit_bytes: u64,
+    /// When another session holds the consumer: wait as its standby and take over once it
+    /// ends (instead of `CONSUMER_BUSY`).
+    pub standby: bool,
 }
 
 /// The consume stream is ready; delivery starts at `next_offset`.

@@ -406,6 +406,7 @@ fn samples() -> Vec<(&'static str, Frame)> {
                 start: StartPosition::Earliest,
                 credit_messages: 1000,
                 credit_bytes: 1 << 20,
+                standby: true,
             }),
         ),
         (
@@ -950,9 +951,9 @@ const GOLDEN: &[(&str, &str)] = &[
     ),
     (
         "subscribe",
-        "0000002b 14 0000002b \
+        "0000002c 14 0000002c \
          070000000000000064632d612f7331040000000000000064632d6200000000e8 \
-         0300000000100000000000",
+         030000000010000000000001",
     ),
     (
         "subscribed",

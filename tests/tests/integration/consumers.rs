@@ -225,3 +225,109 @@ async fn a_consumer_resets_to_a_time_through_the_api_and_the_command_line() -> R
     running.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_when_the_active_consumer_process_is_killed() -> Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    directmq_tests::init_logging();
+    let dir = tempfile::tempdir()?;
+    let config = directmq_broker::Config {
+        // A killed process sends nothing more: the broker learns it is gone when the
+        // connection has been silent this long.
+        idle_timeout_ms: 2_000,
+        ..test_config(dir.path())
+    };
+    let running = directmq_broker::start(config).await?;
+    let addr = running.quic_addr;
+    let c = client(addr, dir.path()).await?;
+    let producer = c.producer("ha/a", "p").await?;
+    for i in 0..100 {
+        producer.send(format!("m{i}")).await?;
+    }
+
+    // The active consumer: `directmq consume` in its own process, committing as it goes.
+    let mut active = tokio::process::Command::new(crate::directmq_bin())
+        .args([
+            "consume",
+            "--channel",
+            "ha/a",
+            "--consumer",
+            "dc-b",
+            "--json",
+        ])
+        .arg("--broker")
+        .arg(addr.to_string())
+        .arg("--certs")
+        .arg(dir.path().join("certs"))
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = tokio::io::BufReader::new(active.stdout.take().context("stdout")?).lines();
+    let mut last_printed = 0;
+    while last_printed < 49 {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .context("the active consumer printed nothing")??
+            .context("the active consumer ended")?;
+        let v: serde_json::Value = serde_json::from_str(&line)?;
+        last_printed = v["offset"].as_u64().context("offset")?;
+    }
+
+    // The standby waits while the active session lives...
+    let standby_client = client(addr, dir.path()).await?;
+    let standby = tokio::spawn({
+        let standby_client = standby_client.clone();
+        async move {
+            standby_client
+                .standby_consumer("ha/a", "dc-b", StartPosition::Earliest)
+                .await
+        }
+    });
+    // ...which the broker shows as active, with a standby waiting.
+    let status = c.status("ha/a").await?;
+    ensure!(status[0].consumers[0].active, "{status:?}");
+    ensure!(
+        !standby.is_finished(),
+        "the standby took over from a live session"
+    );
+
+    // Kill -9 the active consumer's process; it may have printed more before dying.
+    active.start_kill()?;
+    active.wait().await?;
+    while let Ok(Some(line)) = lines.next_line().await {
+        let v: serde_json::Value = serde_json::from_str(&line)?;
+        last_printed = v["offset"].as_u64().context("offset")?;
+    }
+    let killed = tokio::time::Instant::now();
+    // Bound: the 2 s idle timeout plus the handshake of nothing new: 15 s is generous.
+    let mut standby = tokio::time::timeout(Duration::from_secs(15), standby)
+        .await
+        .context("the standby did not take over within 15 s of the kill")???;
+    let took = killed.elapsed();
+    eprintln!("standby took over {took:?} after the kill");
+    // No message skipped: it starts at or before the first one the dead process did not
+    // print (at-least-once: what was printed but not committed comes again).
+    let first = standby.start_offset();
+    ensure!(
+        first <= last_printed + 1,
+        "skipped from {last_printed} to {first}"
+    );
+    for want in first..100 {
+        let m = standby.next().await.context("closed")??;
+        ensure!(
+            m.offset == want && m.payload == format!("m{want}").as_bytes(),
+            "{m:?}"
+        );
+    }
+    standby.commit(100).await?;
+    let status = c.status("ha/a").await?;
+    ensure!(
+        status[0].consumers[0].committed == 100 && status[0].consumers[0].active,
+        "{status:?}"
+    );
+    drop(standby);
+    standby_client.close().await;
+    c.close().await;
+    running.shutdown().await;
+    Ok(())
+}

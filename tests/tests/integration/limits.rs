@@ -159,6 +159,7 @@ async fn a_client_that_never_reads_does_not_hold_up_anyone_else() -> Result<()> 
                 start: StartPosition::Earliest,
                 credit_messages: u32::MAX,
                 credit_bytes: u64::MAX,
+                standby: false,
             }))
             .await?;
         deaf.push((writer, recv));

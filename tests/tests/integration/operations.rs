@@ -303,6 +303,7 @@ async fn every_documented_metric_is_exported_and_moves_under_load() -> Result<()
         let level = [
             "directmq_connections",
             "directmq_watchers",
+            "directmq_consumer_standbys",
             "directmq_storage_segments",
             "directmq_consumers_stalled",
             "directmq_consumer_lag_seconds_max",

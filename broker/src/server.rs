@@ -1673,6 +1673,11 @@ impl Broker {
                 ),
             )
         })?;
+        // Commits (and resets) queued before this session held the lease (by the session
+        // it replaces) must be durable before its start is read from the durable cursor;
+        // otherwise it would start behind them and its own commits could land after
+        // theirs and move the cursor back (found by the engine fuzz target).
+        self.append(Vec::new()).await?;
         let start = self.resolve_start(channel_id, sub.start).await?;
         let (next, record, head) = {
             let state_result = self.store.with_state(|s| {

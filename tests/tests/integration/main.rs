@@ -5,6 +5,7 @@ mod bad_input;
 mod cli;
 mod consumers;
 mod end_to_end;
+mod hostile;
 mod limits;
 mod operations;
 mod rebuild;

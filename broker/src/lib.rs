@@ -131,11 +131,16 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 source,
             }
         })?;
+    // Kept across restarts so a restarted broker resets its predecessor's connections.
+    let reset_secret =
+        tokens::load_or_create_secret(&config.data.join("reset-key")).map_err(StartError::Acl)?;
     let endpoint =
-        net::endpoint(socket, Some(server_config)).map_err(|source| StartError::Bind {
-            what: "QUIC",
-            addr: config.listen,
-            source,
+        net::server_endpoint(socket, server_config, &reset_secret).map_err(|source| {
+            StartError::Bind {
+                what: "QUIC",
+                addr: config.listen,
+                source,
+            }
         })?;
     let quic_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
         what: "QUIC",

@@ -206,6 +206,22 @@ impl TokenKeys {
     }
 }
 
+/// The secret in `path` (32 random bytes, created with mode 0600 when missing).
+pub fn load_or_create_secret(path: &Path) -> Result<Vec<u8>, String> {
+    match std::fs::read(path) {
+        Ok(secret) if secret.len() >= 32 => return Ok(secret),
+        Ok(_) => return Err(format!("{} holds fewer than 32 bytes", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("could not read {}: {e}", path.display())),
+    }
+    let mut secret = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut secret)
+        .map_err(|_| "the system random generator failed".to_owned())?;
+    write_private(path, &secret).map_err(|e| format!("could not write {}: {e}", path.display()))?;
+    Ok(secret.to_vec())
+}
+
 /// A fresh random token id.
 pub fn new_id() -> Result<String, String> {
     let mut id = [0u8; 16];

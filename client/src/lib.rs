@@ -366,6 +366,11 @@ impl Client {
         }
     }
 
+    /// How long reconnecting may go on before giving up (`None`: never).
+    pub(crate) fn reconnect_limit(&self) -> Option<Duration> {
+        self.inner.config.reconnect_for
+    }
+
     /// Opens a stream on the live connection, reconnecting if needed; also returns the
     /// broker's largest message size.
     pub(crate) async fn open_stream(&self) -> Result<(FrameWriter, FrameReader, u64), Error> {

@@ -81,12 +81,32 @@ pub fn endpoint(
     socket: UdpSocket,
     server: Option<quinn::ServerConfig>,
 ) -> std::io::Result<quinn::Endpoint> {
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        server,
+    endpoint_with(socket, server, quinn::EndpointConfig::default())
+}
+
+/// A server endpoint whose stateless-reset key is `reset_secret` (at least 32 bytes, kept
+/// across restarts): after a crash and restart, the new process can tell the clients of the
+/// old one at once that their connections are gone, instead of their waiting out the idle
+/// timeout.
+pub fn server_endpoint(
+    socket: UdpSocket,
+    server: quinn::ServerConfig,
+    reset_secret: &[u8],
+) -> std::io::Result<quinn::Endpoint> {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_secret);
+    endpoint_with(
         socket,
-        Arc::new(quinn::TokioRuntime),
+        Some(server),
+        quinn::EndpointConfig::new(Arc::new(key)),
     )
+}
+
+fn endpoint_with(
+    socket: UdpSocket,
+    server: Option<quinn::ServerConfig>,
+    config: quinn::EndpointConfig,
+) -> std::io::Result<quinn::Endpoint> {
+    quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))
 }
 
 /// The crypto provider both ends use (ring, TLS 1.3 only).

@@ -2,13 +2,39 @@
 //! reading frames on a task of their own so a `select!` loop never cancels a half-read frame.
 
 use directmq_protocol::Frame;
+use std::time::Duration;
+
 use tokio::sync::mpsc;
 
 use crate::{Client, Error, FrameReader, FrameWriter};
 
 /// Opens a stream, sends `first` and returns the broker's answer; an error frame becomes
-/// `Err`. Also returns the broker's largest message size.
+/// `Err`. Also returns the broker's largest message size. A connection lost on the way (a
+/// broker restart) is retried like any reconnect, within the client's `reconnect_for`.
 pub(crate) async fn open(
+    client: &Client,
+    first: Frame,
+    what: &'static str,
+) -> Result<(FrameWriter, FrameReader, Frame, u64), Error> {
+    let started = tokio::time::Instant::now();
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        match open_once(client, first.clone(), what).await {
+            Err(e) if e.is_transient() => {
+                let limit = client.reconnect_limit();
+                if limit.is_some_and(|l| started.elapsed() >= l) {
+                    return Err(e);
+                }
+                tracing::debug!(error = %e, what, "opening a stream failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn open_once(
     client: &Client,
     first: Frame,
     what: &'static str,

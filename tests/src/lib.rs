@@ -80,8 +80,22 @@ impl ChildBroker {
     /// Starts `directmq serve` on `data`. With `quic` unset it binds port 0 and reads the
     /// address the broker prints; a restart passes the previous address to keep it.
     pub fn start(bin: &Path, data: &Path, quic: Option<SocketAddr>) -> Result<ChildBroker> {
+        ChildBroker::start_args(bin, data, quic, &[])
+    }
+
+    /// [`ChildBroker::start`] with more `serve` arguments (such as `--config FILE`).
+    pub fn start_args(
+        bin: &Path,
+        data: &Path,
+        quic: Option<SocketAddr>,
+        serve_args: &[&str],
+    ) -> Result<ChildBroker> {
         let mut command = Command::new(bin);
-        command.arg("serve").arg("--data").arg(data);
+        command
+            .arg("serve")
+            .arg("--data")
+            .arg(data)
+            .args(serve_args);
         ChildBroker::spawn(command, data, quic)
     }
 

@@ -525,19 +525,18 @@ async fn publish(conn: Conn, channel: String, producer_id: String, json: bool) -
         out.flush()?;
         Ok::<u64, anyhow::Error>(count)
     });
-    let lines = tokio::task::spawn_blocking(move || {
-        let stdin = std::io::stdin();
-        let mut lines = Vec::new();
-        for line in stdin.lock().lines() {
-            lines.push(line?);
+    // Lines are published as they arrive (so `tail -f ... | directmq publish` works), in
+    // order: sequences are assigned at enqueue and survive reconnects.
+    let (lines_tx, mut lines) = tokio::sync::mpsc::channel::<std::io::Result<String>>(1024);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            if lines_tx.blocking_send(line).is_err() {
+                return;
+            }
         }
-        Ok::<_, std::io::Error>(lines)
     });
-    // stdin is read in full first: line order is publish order, and sequences stay
-    // consecutive even if the broker restarts meanwhile.
-    let lines = lines.await??;
-    for line in lines {
-        let pending = producer.enqueue(line).await;
+    while let Some(line) = lines.recv().await {
+        let pending = producer.enqueue(line?).await;
         if tx.send(pending).await.is_err() {
             break;
         }

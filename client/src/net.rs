@@ -94,11 +94,34 @@ pub fn server_endpoint(
     reset_secret: &[u8],
 ) -> std::io::Result<quinn::Endpoint> {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_secret);
-    endpoint_with(
-        socket,
-        Some(server),
-        quinn::EndpointConfig::new(Arc::new(key)),
-    )
+    let mut config = quinn::EndpointConfig::new(Arc::new(key));
+    // quinn's default connection IDs are validated with a key random per process, so a
+    // restarted broker would drop its predecessor's packets as invalid instead of
+    // answering them with a reset.
+    config.cid_generator(|| Box::new(RandomCids));
+    endpoint_with(socket, Some(server), config)
+}
+
+/// Connection IDs of 8 random bytes, not tied to the process that issued them.
+struct RandomCids;
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        use ring::rand::SecureRandom;
+        let mut bytes = [0u8; 8];
+        ring::rand::SystemRandom::new()
+            .fill(&mut bytes)
+            .expect("the system random generator works");
+        quinn::ConnectionId::new(&bytes)
+    }
+
+    fn cid_len(&self) -> usize {
+        8
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
 }
 
 fn endpoint_with(

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 use crate::directmq_bin;
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use directmq_tests::ChildBroker;
 
 #[test]
@@ -171,5 +171,72 @@ async fn wait_in_sync_returns_once_every_starting_head_is_committed() -> Result<
         "{lines:?}"
     );
     running.shutdown().await;
+    Ok(())
+}
+
+/// Issue 4: `directmq publish` survives a broker restart in the middle of its input; it
+/// reconnects by itself, finishes, and `--json` lists every ack, none twice.
+#[test]
+fn publish_finishes_across_a_broker_restart_and_lists_every_ack() -> Result<()> {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir()?;
+    let mut broker = ChildBroker::start(&directmq_bin(), dir.path(), None)?;
+    let addr = broker.quic;
+    let mut publish = Command::new(directmq_bin())
+        .args(["publish", "--channel", "restart/a", "--json"])
+        .arg("--broker")
+        .arg(addr.to_string())
+        .arg("--certs")
+        .arg(dir.path().join("certs"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut stdin = publish.stdin.take().expect("piped");
+    let mut acks = std::io::BufReader::new(publish.stdout.take().expect("piped")).lines();
+    for i in 0..500 {
+        writeln!(stdin, "line {i}")?;
+    }
+    stdin.flush()?;
+    // Wait until the first half is acked, so the restart falls between the halves...
+    let mut lines = Vec::new();
+    while lines.len() < 500 {
+        lines.push(acks.next().context("publish ended early")??);
+    }
+    // ...then SIGKILL the broker while the CLI holds its connection, and restart it.
+    broker.kill();
+    let mut broker = ChildBroker::start(&directmq_bin(), dir.path(), Some(addr))?;
+    for i in 500..1000 {
+        writeln!(stdin, "line {i}")?;
+    }
+    drop(stdin);
+    for line in acks {
+        lines.push(line?);
+    }
+    let out = publish.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "publish failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(lines.len() == 1000, "{} acks", lines.len());
+    for (i, line) in lines.iter().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        ensure!(
+            v["sequence"] == i as u64 && v["offset"] == i as u64,
+            "ack {i}: {line}"
+        );
+    }
+    // The log holds each line once.
+    let out = Command::new(directmq_bin())
+        .args(["channels", "--json", "--prefix", "restart/"])
+        .arg("--broker")
+        .arg(addr.to_string())
+        .arg("--certs")
+        .arg(dir.path().join("certs"))
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(v["head"] == 1000, "{v}");
+    ensure!(broker.terminate()?);
     Ok(())
 }

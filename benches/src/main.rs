@@ -14,14 +14,16 @@
 //! `--workload FILE.yaml` runs an OpenMessaging Benchmark workload (see `workload.rs`),
 //! including its backlog-then-drain ("catch-up") mode; `--probe` measures the disk's and
 //! QUIC's limits beside the result (`probe.rs`); `--report FILE.html` draws the per-second
-//! series (`report.rs`).
+//! series (`report.rs`). `--wan-rtt-ms` puts an emulated WAN link between the clients and
+//! the broker; `directmq-bench wan-proxy` runs that link on its own (`wan_cli.rs`).
 
 mod probe;
 mod report;
+mod wan_cli;
 mod workload;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,6 +33,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Bytes, BytesMut};
 use clap::Parser;
+use directmq_benches::wan::{self, Impairment, Proxy};
 use directmq_client::{
     Client, ClientConfig, Consumer, PendingAck, Producer, ProducerOptions, StartPosition,
 };
@@ -78,9 +81,14 @@ const PHASE_DRAIN: u8 = 2;
         directmq-bench --producers 4 --channels 16 --duration 10\n  \
         directmq-bench --rate 10000 --consumers 1 --probe --report run.html --json run.json\n  \
         directmq-bench --workload benches/workloads/1-topic-1-partition-1kb.yaml --duration 30\n  \
-        directmq-bench --workload benches/workloads/backlog-1-topic-1-partition-1kb.yaml --backlog-gb 0.2 --duration 5"
+        directmq-bench --workload benches/workloads/backlog-1-topic-1-partition-1kb.yaml --backlog-gb 0.2 --duration 5\n  \
+        directmq-bench --wan-rtt-ms 50 --message-size 1048576 --messages 500 --consumers 1\n  \
+        directmq-bench wan-proxy --listen 127.0.0.1:7443 --upstream 127.0.0.1:7070 --delay-ms 25 --loss 0.02",
+    args_conflicts_with_subcommands = true
 )]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Tool>,
     /// Producers; each is its own client connection.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     producers: u32,
@@ -168,6 +176,19 @@ struct Args {
     /// the most seconds consumers may take to receive everything once publishing ended.
     #[arg(long, default_value_t = 300.0)]
     timeout: f64,
+    /// Put an emulated WAN link between every client and the broker: the WAN proxy (see
+    /// `wan-proxy`) runs in this process and delays each direction by half this round trip,
+    /// without loss.
+    #[arg(long, value_name = "MS")]
+    wan_rtt_ms: Option<f64>,
+}
+
+#[derive(clap::Subcommand, Debug, Clone)]
+enum Tool {
+    /// Relay QUIC between clients and a broker through an emulated WAN link (delay, jitter,
+    /// loss, reordering, duplication, rate limit, cuts), or measure the relay itself
+    /// (--self-test).
+    WanProxy(wan_cli::WanProxyArgs),
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -401,14 +422,18 @@ impl Plan {
 
 fn main() {
     let args = Args::parse();
-    if let Err(e) = real_main(&args) {
+    let result = match &args.command {
+        Some(Tool::WanProxy(wan_args)) => wan_cli::run(wan_args),
+        None => real_main(&args),
+    };
+    if let Err(e) = result {
         eprintln!("directmq-bench: error: {e:#}");
         std::process::exit(1);
     }
 }
 
 fn real_main(args: &Args) -> Result<()> {
-    let plan = Plan::new(args)?;
+    let mut plan = Plan::new(args)?;
     for note in &plan.notes {
         eprintln!("directmq-bench: note: {note}");
     }
@@ -420,13 +445,15 @@ fn real_main(args: &Args) -> Result<()> {
             args.durability,
         )?),
     };
-    let target = match (&local, &args.broker, &args.certs) {
+    let mut target = match (&local, &args.broker, &args.certs) {
         (Some(b), _, _) => Target {
             addr: b.quic_addr.to_string(),
+            server_name: None,
             certs: b.certs.clone(),
         },
         (None, Some(addr), Some(certs)) => Target {
             addr: addr.clone(),
+            server_name: None,
             certs: certs.clone(),
         },
         _ => unreachable!("clap requires --certs with --broker"),
@@ -435,6 +462,26 @@ fn real_main(args: &Args) -> Result<()> {
         .enable_all()
         .build()
         .context("could not start the async runtime")?;
+    let broker_addr = target.addr.clone();
+    // Dropped (its tasks stopped) on every way out of this function.
+    let wan_proxy = match args.wan_rtt_ms {
+        Some(rtt_ms) => {
+            let proxy = runtime.block_on(start_wan(&mut target, rtt_ms))?;
+            let note = format!(
+                "clients reach the broker through the WAN proxy in this process: round trip {rtt_ms} ms \
+                 ({} ms each way), no loss; the proxy shares this process's CPU",
+                rtt_ms / 2.0
+            );
+            eprintln!(
+                "directmq-bench: {} → {broker_addr}: {note}; seed {}",
+                proxy.local_addr(),
+                proxy.seed()
+            );
+            plan.notes.push(note);
+            Some(proxy)
+        }
+        None => None,
+    };
     let probe = if args.probe {
         let dir = match &local {
             Some(b) => b.dir().to_owned(),
@@ -463,6 +510,9 @@ fn real_main(args: &Args) -> Result<()> {
             _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
         }
     });
+    if let Some(proxy) = &wan_proxy {
+        eprintln!("directmq-bench: WAN proxy: {}", proxy.stats());
+    }
     // Stop the client tasks before the broker goes away, so nothing reconnects meanwhile.
     runtime.shutdown_timeout(Duration::from_secs(1));
     let mut report = match outcome {
@@ -480,16 +530,28 @@ fn real_main(args: &Args) -> Result<()> {
     if let Some(b) = &local {
         report.broker_peak_rss_mb = b.peak_rss_mb();
     }
-    let broker_label = if local.is_some() {
-        format!("local child {}", target.addr)
+    let mut broker_label = if local.is_some() {
+        format!("local child {broker_addr}")
     } else {
-        target.addr.clone()
+        broker_addr.clone()
     };
+    if let Some(rtt_ms) = args.wan_rtt_ms {
+        broker_label.push_str(&format!(" via the WAN proxy ({rtt_ms} ms round trip)"));
+    }
     let probe_ref = probe.as_ref().map(|(p, dir)| (p, dir.as_path()));
     print_summary(&plan, &report, &broker_label, probe_ref);
     if let Some(path) = &args.json {
         let mut value = report.to_json();
         value["config"] = plan.config_json(&broker_label);
+        value["config"]["wan_rtt_ms"] = json!(args.wan_rtt_ms);
+        if let Some(proxy) = &wan_proxy {
+            let s = proxy.stats();
+            value["wan"] = json!({
+                "seed": proxy.seed(),
+                "up": {"datagrams": s.up.sent_packets, "bytes": s.up.sent_bytes},
+                "down": {"datagrams": s.down.sent_packets, "bytes": s.down.sent_bytes},
+            });
+        }
         if let Some((p, dir)) = probe_ref {
             value["probe"] = probe_json(p, dir, &report);
         }
@@ -517,7 +579,41 @@ fn real_main(args: &Args) -> Result<()> {
 /// Where the clients connect.
 struct Target {
     addr: String,
+    /// The TLS name to verify when `addr` is not the broker's own (the WAN proxy).
+    server_name: Option<String>,
     certs: PathBuf,
+}
+
+/// Starts the WAN proxy in front of `target` (a plain delay of half `rtt_ms` each way) and
+/// points `target` at it; the TLS name stays the broker's.
+async fn start_wan(target: &mut Target, rtt_ms: f64) -> Result<Proxy> {
+    let one_way = Duration::try_from_secs_f64(rtt_ms / 2e3)
+        .map_err(|_| anyhow!("--wan-rtt-ms must be 0 or more milliseconds, not {rtt_ms}"))?;
+    let upstream = target
+        .addr
+        .to_socket_addrs()
+        .with_context(|| format!("could not resolve the broker address {}", target.addr))?
+        .next()
+        .ok_or_else(|| anyhow!("the broker address {} resolves to nothing", target.addr))?;
+    let listen = if upstream.is_ipv4() {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 0))
+    } else {
+        SocketAddr::from((Ipv6Addr::LOCALHOST, 0))
+    };
+    let proxy = Proxy::start(wan::Config::new(listen, upstream).both(Impairment::delay(one_way)))
+        .await
+        .context("could not start the WAN proxy")?;
+    let host = match target.addr.rsplit_once(':') {
+        Some((host, _)) => host,
+        None => &target.addr,
+    };
+    target.server_name = Some(
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+    );
+    target.addr = proxy.local_addr().to_string();
+    Ok(proxy)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1062,6 +1158,7 @@ async fn connect(target: &Target, name: &str) -> Result<Client> {
             )
         })?;
     config.client_name = format!("directmq-bench/{name}");
+    config.server_name.clone_from(&target.server_name);
     // A dead broker fails the run instead of being retried forever.
     config.reconnect_for = Some(Duration::from_secs(10));
     Client::connect(config)

@@ -12,6 +12,7 @@ mod rebuild;
 mod rotation;
 mod security;
 mod tokens;
+mod wan;
 
 /// The `directmq` command line under test (Cargo builds it for this test target).
 pub fn directmq_bin() -> std::path::PathBuf {

@@ -47,8 +47,20 @@ pub struct Config {
     pub segment_bytes: u64,
     /// Connections served at once; more are refused.
     pub max_connections: usize,
-    /// How often retention looks for segments to delete.
+    /// How often retention looks for segments to delete and checks the bounds below.
     pub retention_interval_ms: u64,
+    /// Per channel, by default: refuse publishes once the oldest message not yet committed
+    /// by every consumer is older than this (0: no bound).
+    pub max_age_ms: u64,
+    /// Per channel, by default: refuse publishes once this many payload bytes are not yet
+    /// committed by every consumer (0: no bound).
+    pub max_bytes: u64,
+    /// Refuse publishes once the log's segment files (plus appends in flight) would exceed
+    /// this many bytes (0: no budget).
+    pub max_disk_bytes: u64,
+    /// Refuse publishes once the data directory's filesystem is this full, in percent
+    /// (100: never).
+    pub disk_high_water_percent: u8,
     /// Connections idle this long are closed.
     pub idle_timeout_ms: u64,
     /// Connections in their handshake at once; more wait or are refused (handshake flood).
@@ -86,6 +98,9 @@ pub struct ChannelOverride {
     pub durability: Option<DurabilityMode>,
     /// At most the broker-wide `max_message_bytes`, which sizes the frame limit.
     pub max_message_bytes: Option<u64>,
+    /// Retention bounds for these channels (0: no bound); see the broker-wide keys.
+    pub max_age_ms: Option<u64>,
+    pub max_bytes: Option<u64>,
 }
 
 /// The settings that apply to one channel.
@@ -93,6 +108,10 @@ pub struct ChannelOverride {
 pub struct ChannelSettings {
     pub durability: directmq_storage::Durability,
     pub max_message_bytes: u64,
+    /// 0: no bound.
+    pub max_age_ms: u64,
+    /// 0: no bound.
+    pub max_bytes: u64,
 }
 
 impl Default for Config {
@@ -113,6 +132,10 @@ impl Default for Config {
             segment_bytes: 256 * 1024 * 1024,
             max_connections: 10_000,
             retention_interval_ms: 10_000,
+            max_age_ms: 0,
+            max_bytes: 0,
+            max_disk_bytes: 0,
+            disk_high_water_percent: 95,
             idle_timeout_ms: 30_000,
             max_handshakes: 1024,
             max_streams_per_connection: 20_000,
@@ -270,6 +293,13 @@ impl Config {
                 "must be at least 100",
             );
         }
+        if self.disk_high_water_percent == 0 || self.disk_high_water_percent > 100 {
+            return invalid(
+                "disk_high_water_percent",
+                u64::from(self.disk_high_water_percent),
+                "must be between 1 and 100",
+            );
+        }
         if self.max_token_ttl_ms == 0 {
             return invalid("max_token_ttl_ms", 0, "must be positive");
         }
@@ -319,6 +349,8 @@ impl Config {
             max_message_bytes: o
                 .and_then(|o| o.max_message_bytes)
                 .unwrap_or(self.max_message_bytes),
+            max_age_ms: o.and_then(|o| o.max_age_ms).unwrap_or(self.max_age_ms),
+            max_bytes: o.and_then(|o| o.max_bytes).unwrap_or(self.max_bytes),
         }
     }
 

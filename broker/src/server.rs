@@ -68,6 +68,12 @@ pub struct Broker {
     started_ms: u64,
     /// Consumer names that have a lag gauge.
     lag_names: Mutex<HashSet<String>>,
+    /// Channels over a retention bound, with why (set by the bounds check).
+    full_channels: Mutex<HashMap<u64, String>>,
+    /// Why the filesystem counts as full, when it does (set by the bounds check).
+    disk_full: Mutex<Option<String>>,
+    /// Payload bytes of publishes planned but not yet written, for the disk budget.
+    reserved_bytes: Arc<std::sync::atomic::AtomicU64>,
     connections: AtomicUsize,
     pub(crate) shutting_down: AtomicBool,
     pub(crate) shutdown: watch::Sender<bool>,
@@ -104,6 +110,9 @@ impl Broker {
             progress: Mutex::new(HashMap::new()),
             started_ms: now_ms(),
             lag_names: Mutex::new(HashSet::new()),
+            full_channels: Mutex::new(HashMap::new()),
+            disk_full: Mutex::new(None),
+            reserved_bytes: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             connections: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),
             shutdown: watch::channel(false).0,
@@ -349,6 +358,8 @@ impl Broker {
                 Ok(Err(e)) => warn!(error = %e, "retention pass failed"),
                 _ => {}
             }
+            let broker = self.clone();
+            let _ = tokio::task::spawn_blocking(move || broker.check_bounds()).await;
         }
     }
 
@@ -1040,6 +1051,101 @@ impl Broker {
         metrics::gauge!(m::STORAGE_BYTES).set(self.store.disk_bytes() as f64);
     }
 
+    /// Marks the channels whose unconsumed messages exceed their `max_bytes` or
+    /// `max_age_ms`, and the filesystem when it is past `disk_high_water_percent`; publishes
+    /// to them are refused with STORAGE_FULL until retention and consumers make room.
+    fn check_bounds(&self) {
+        let now = now_ms();
+        // (id, name, floor) for channels with a bound, taken under the state lock.
+        let bounded: Vec<(u64, String, u64, u64, u64)> = self.store.with_state(|s| {
+            s.channels_with_prefix("")
+                .filter(|c| c.durable)
+                .filter_map(|c| {
+                    let settings = self.config.channel_settings(&c.name);
+                    let floor = engine::retention_floor(c);
+                    ((settings.max_bytes > 0 || settings.max_age_ms > 0) && floor < c.next_offset)
+                        .then(|| {
+                            (
+                                c.id,
+                                c.name.clone(),
+                                floor,
+                                settings.max_bytes,
+                                settings.max_age_ms,
+                            )
+                        })
+                })
+                .collect()
+        });
+        let mut full = HashMap::new();
+        for (id, name, floor, max_bytes, max_age_ms) in bounded {
+            let Ok((bytes, oldest)) = self.store.backlog(id, floor) else {
+                continue;
+            };
+            let age = oldest.map_or(0, |t| now.saturating_sub(t));
+            if max_bytes > 0 && bytes >= max_bytes {
+                full.insert(id, format!(
+                    "channel {name:?} holds {bytes} bytes not yet committed by every consumer; its max_bytes is {max_bytes}"
+                ));
+            } else if max_age_ms > 0 && age >= max_age_ms {
+                full.insert(id, format!(
+                    "the oldest message of channel {name:?} not yet committed by every consumer is {age} ms old; its max_age_ms is {max_age_ms}"
+                ));
+            }
+        }
+        *self.full_channels.lock().expect("full lock") = full;
+        let high_water = self.config.disk_high_water_percent;
+        let disk = if high_water < 100 {
+            match rustix::fs::statvfs(&self.config.data) {
+                Ok(st) if st.f_blocks > 0 => {
+                    let used = st.f_blocks.saturating_sub(st.f_bavail);
+                    let percent = used.saturating_mul(100) / st.f_blocks;
+                    (percent >= u64::from(high_water)).then(|| {
+                        format!(
+                            "the filesystem of {} is {percent}% full; disk_high_water_percent is {high_water}",
+                            self.config.data.display()
+                        )
+                    })
+                }
+                _ => None,
+            }
+        } else {
+            None
+        };
+        *self.disk_full.lock().expect("disk lock") = disk;
+    }
+
+    /// Whether a batch of `bytes` to `channel_id` may be appended under the bounds.
+    fn check_room(&self, channel_id: u64, bytes: u64) -> Result<(), Refusal> {
+        let full = |why: String| {
+            Refusal::new(
+                ErrorCode::STORAGE_FULL,
+                format!("{why}; nothing was stored, retry later"),
+            )
+        };
+        if let Some(why) = self.disk_full.lock().expect("disk lock").clone() {
+            return Err(full(why));
+        }
+        if let Some(why) = self
+            .full_channels
+            .lock()
+            .expect("full lock")
+            .get(&channel_id)
+        {
+            return Err(full(why.clone()));
+        }
+        let budget = self.config.max_disk_bytes;
+        if budget > 0 {
+            let reserved = self.reserved_bytes.load(Ordering::Acquire);
+            let used = self.store.disk_bytes() + reserved;
+            if used + bytes > budget {
+                return Err(full(format!(
+                    "the log uses {used} of its {budget}-byte max_disk_bytes"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     // ---- watch stream (§4.4) ----
 
     /// The channels under `prefix` that `identity` may see now.
@@ -1327,6 +1433,9 @@ impl Broker {
         let count = batch.messages.len() as u64;
         let bytes: u64 = batch.messages.iter().map(|m| m.payload.len() as u64).sum();
         metrics::histogram!(m::BATCH_MESSAGES).record(count as f64);
+        // What the batch takes on disk, roughly: payloads plus record framing.
+        let on_disk = bytes + 64 * count + 128;
+        self.check_room(channel_id, on_disk)?;
         let mut incoming: Vec<Incoming> = batch
             .messages
             .into_iter()
@@ -1362,7 +1471,10 @@ impl Broker {
                 {
                     let end = *first_offset + u64::from(*appended);
                     let heads = heads.clone();
+                    let reserved = self.reserved_bytes.clone();
+                    reserved.fetch_add(on_disk, Ordering::AcqRel);
                     let done: directmq_storage::Done = Box::new(move |r| {
+                        reserved.fetch_sub(on_disk, Ordering::AcqRel);
                         if r.is_ok() {
                             heads.send_if_modified(|h| {
                                 let moved = end > *h;
@@ -1373,12 +1485,15 @@ impl Broker {
                         let _ = tx.send(r);
                     });
                     // No record: a barrier, acked once what is queued before is durable.
-                    txn.append_with(
+                    if let Err(e) = txn.append_with(
                         record.take().into_iter().collect(),
                         settings.durability,
                         done,
-                    )
-                    .map_err(|e| self.storage_refusal(&e))?;
+                    ) {
+                        // Refused before queueing: `done` was dropped without running.
+                        self.reserved_bytes.fetch_sub(on_disk, Ordering::AcqRel);
+                        return Err(self.storage_refusal(&e));
+                    }
                 } else {
                     // A retry of messages still waiting for their fsync.
                     txn.append_with(

@@ -26,6 +26,10 @@ pub struct ProducerOptions {
     pub max_in_flight_bytes: usize,
     /// Create the channel on first publish.
     pub create_channel: bool,
+    /// A broker refusing with STORAGE_FULL is retried with pauses (nothing is lost); after
+    /// this long without an ack the pending messages fail with that error instead, so an
+    /// agent can surface it. `None` (the default): retry until room is made.
+    pub storage_full_timeout: Option<Duration>,
 }
 
 impl Default for ProducerOptions {
@@ -36,6 +40,7 @@ impl Default for ProducerOptions {
             max_in_flight_batches: 64,
             max_in_flight_bytes: 64 * 1024 * 1024,
             create_channel: true,
+            storage_full_timeout: None,
         }
     }
 }
@@ -109,6 +114,7 @@ impl Producer {
             in_flight_bytes: 0,
             next_batch_id: 1,
             flushes: Vec::new(),
+            full_since: None,
         };
         tokio::spawn(task.run());
         Ok(Producer {
@@ -233,6 +239,8 @@ struct Task {
     in_flight_bytes: usize,
     next_batch_id: u64,
     flushes: Vec<oneshot::Sender<()>>,
+    /// Since when the broker has refused with STORAGE_FULL without an ack in between.
+    full_since: Option<tokio::time::Instant>,
 }
 
 /// Broker refusals worth retrying with the same batch after a pause.
@@ -398,6 +406,7 @@ impl Task {
     fn on_frame(&mut self, frame: Frame) -> Option<Duration> {
         match frame {
             Frame::PublishAck(ack) => {
+                self.full_since = None;
                 let Some(front) = self.in_flight.front() else {
                     self.protocol_error("an ack for no batch in flight");
                     return None;
@@ -444,8 +453,24 @@ impl Task {
                 // after it, so every later batch is resent on the next stream.
                 self.stream = None;
                 if retryable(e.code) {
-                    tracing::warn!(code = %e.code, message = %e.message, "broker asked to back off; retrying");
-                    return Some(Duration::from_millis(200));
+                    let since = if e.code == ErrorCode::STORAGE_FULL {
+                        *self
+                            .full_since
+                            .get_or_insert_with(tokio::time::Instant::now)
+                    } else {
+                        tokio::time::Instant::now()
+                    };
+                    let give_up = self
+                        .options
+                        .storage_full_timeout
+                        .is_some_and(|limit| since.elapsed() >= limit);
+                    if !give_up {
+                        tracing::warn!(code = %e.code, message = %e.message, "broker asked to back off; retrying");
+                        return Some(Duration::from_millis(200));
+                    }
+                    self.full_since = None;
+                    self.fail_all(Error::from_frame(e));
+                    return None;
                 }
                 let error = Error::from_frame(e.clone());
                 match self.in_flight.front() {

@@ -9,6 +9,7 @@ mod hostile;
 mod limits;
 mod operations;
 mod rebuild;
+mod retention;
 mod rotation;
 mod security;
 mod tokens;

@@ -465,11 +465,15 @@ async fn channel_overrides_apply_by_the_longest_prefix() -> Result<()> {
                 prefix: "small/".into(),
                 durability: Some(directmq_broker::config::DurabilityMode::Interval),
                 max_message_bytes: Some(1000),
+                max_age_ms: None,
+                max_bytes: None,
             },
             directmq_broker::config::ChannelOverride {
                 prefix: "small/big/".into(),
                 durability: None,
                 max_message_bytes: Some(5000),
+                max_age_ms: None,
+                max_bytes: None,
             },
         ],
         ..test_config(dir.path())

@@ -96,6 +96,26 @@ async fn clients_without_a_valid_certificate_from_the_ca_are_refused() -> Result
     );
     eprintln!("refused as expected: {err}");
 
+    // A certificate from the right CA that is not valid yet.
+    let early = tempfile::tempdir()?;
+    tls::issue_client_valid(
+        &ca_dir,
+        early.path(),
+        "admin",
+        Validity {
+            not_before: now + time::Duration::days(1),
+            not_after: now + time::Duration::days(10),
+        },
+    )?;
+    let err = try_use(config_from(addr, early.path())?)
+        .await
+        .expect_err("not yet valid");
+    ensure!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "unclear: {err}"
+    );
+    eprintln!("refused as expected: {err}");
+
     // The broker serves everyone else throughout.
     let p = good.producer("still/serving", "p").await?;
     ensure!(p.send("ok").await?.offset == Some(0));

@@ -41,7 +41,7 @@ pub(crate) async fn hello(
 }
 
 /// Sends raw bytes on a new stream and returns the broker's error frame.
-async fn error_for(conn: &quinn::Connection, bytes: &[u8]) -> Result<proto::ErrorFrame> {
+pub(crate) async fn error_for(conn: &quinn::Connection, bytes: &[u8]) -> Result<proto::ErrorFrame> {
     let (mut send, recv) = conn.open_bi().await?;
     send.write_all(bytes).await?;
     let mut reader = FrameReader::new(recv, 1 << 30);

@@ -204,3 +204,106 @@ async fn a_client_that_never_reads_does_not_hold_up_anyone_else() -> Result<()> 
     running.shutdown().await;
     Ok(())
 }
+
+/// Resident memory of a process, from /proc.
+fn rss_bytes(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .context("VmRSS")?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
+    Ok(kb * 1024)
+}
+
+/// Issue 4: 1,000 idle connections must not grow the broker's memory without bound nor
+/// slow the other channels. quinn reserves a slot for every stream a connection may open,
+/// so a connection's cost is about `max_streams_per_connection` × 72 bytes plus its TLS
+/// and QUIC state; with 1,024 streams (a broker for many agents) the stated bound is
+/// 256 KiB of resident memory per idle connection.
+#[test]
+fn a_thousand_idle_connections_cost_bounded_memory_and_slow_no_one() -> Result<()> {
+    const IDLE: usize = 1000;
+    const PER_CONNECTION: u64 = 256 * 1024;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("directmq.toml");
+    std::fs::write(&config, "max_streams_per_connection = 1024\n")?;
+    let config = config.to_string_lossy().into_owned();
+    let broker = directmq_tests::ChildBroker::start_args(
+        &crate::directmq_bin(),
+        &dir.path().join("data"),
+        None,
+        &["--config", &config],
+    )?;
+    let dir_path = dir.path().join("data");
+    let dir = &dir_path;
+    let addr = broker.quic;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        // Warm up: the paths every connection uses have run once.
+        let c = client(addr, dir).await?;
+        c.producer("idle/warm", "p").await?.send("warm").await?;
+        let before = rss_bytes(broker.pid())?;
+        // One client endpoint, a thousand connections, each through its hello, then idle.
+        let tls = directmq_client::net::client_tls(&dir.join("certs"))?;
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
+        let mut idle = Vec::with_capacity(IDLE);
+        for _ in 0..IDLE {
+            let conn = endpoint.connect(addr, "127.0.0.1")?.await?;
+            let (w, r, reply) = hello(&conn, proto::PROTOCOL_VERSION).await?;
+            ensure!(matches!(reply, Some(Frame::HelloOk(_))), "{reply:?}");
+            idle.push((conn, w, r));
+        }
+        let status = c.status("").await?;
+        ensure!(!status.is_empty());
+        // The others are served while they sit there (bounded: a liveness check, not a
+        // speed one).
+        let started = tokio::time::Instant::now();
+        let work = async {
+            let p = c.producer("idle/busy", "p").await?;
+            let mut acks = Vec::new();
+            for i in 0..1000u64 {
+                acks.push(p.enqueue(format!("m{i}")).await?);
+            }
+            for a in acks {
+                a.await?;
+            }
+            let mut consumer = c
+                .consumer("idle/busy", "r", StartPosition::Earliest)
+                .await?;
+            for want in 0..1000 {
+                ensure!(consumer.next().await.context("closed")??.offset == want);
+            }
+            Ok::<_, anyhow::Error>(())
+        };
+        tokio::time::timeout(Duration::from_secs(60), work)
+            .await
+            .context("the idle connections held up another client")??;
+        let busy = started.elapsed();
+        let after = rss_bytes(broker.pid())?;
+        let grown = after.saturating_sub(before);
+        eprintln!(
+            "{IDLE} idle connections: broker RSS {} -> {} MiB ({} KiB each); 1,000 messages \
+             published and consumed meanwhile in {busy:?}",
+            before >> 20,
+            after >> 20,
+            grown / IDLE as u64 / 1024
+        );
+        ensure!(
+            grown <= IDLE as u64 * PER_CONNECTION,
+            "{IDLE} idle connections grew the broker by {grown} bytes"
+        );
+        for (conn, _, _) in &idle {
+            conn.close(0u32.into(), b"done");
+        }
+        endpoint.wait_idle().await;
+        c.close().await;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(())
+}

@@ -35,6 +35,24 @@ pub struct Grant {
     pub admin: Vec<String>,
 }
 
+/// Whether prefix lists grant `right` on `channel`: a prefix of the right's list or of the
+/// admin list (admin implies every right). Shared by ACL grants and tokens.
+pub fn grants(
+    publish: &[String],
+    consume: &[String],
+    admin: &[String],
+    right: Right,
+    channel: &str,
+) -> bool {
+    let matches = |prefixes: &[String]| prefixes.iter().any(|p| channel.starts_with(p.as_str()));
+    matches(admin)
+        || match right {
+            Right::Publish => matches(publish),
+            Right::Consume => matches(consume),
+            Right::Admin => false,
+        }
+}
+
 /// The parsed ACL file.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -73,16 +91,7 @@ impl Acl {
         self.grant
             .iter()
             .filter(|g| g.identity == identity)
-            .any(|g| {
-                let matches =
-                    |prefixes: &[String]| prefixes.iter().any(|p| channel.starts_with(p.as_str()));
-                matches(&g.admin)
-                    || match right {
-                        Right::Publish => matches(&g.publish),
-                        Right::Consume => matches(&g.consume),
-                        Right::Admin => false,
-                    }
-            })
+            .any(|g| grants(&g.publish, &g.consume, &g.admin, right, channel))
     }
 
     /// Whether `identity` may see `channel` in listings: it may consume or administer it.

@@ -47,14 +47,7 @@ pub struct Claims {
 impl Claims {
     /// Whether the token's scope covers `right` on `channel` (admin covers everything).
     pub fn allows(&self, right: Right, channel: &str) -> bool {
-        let matches =
-            |prefixes: &[String]| prefixes.iter().any(|p| channel.starts_with(p.as_str()));
-        matches(&self.admin)
-            || match right {
-                Right::Publish => matches(&self.publish),
-                Right::Consume => matches(&self.consume),
-                Right::Admin => false,
-            }
+        crate::acl::grants(&self.publish, &self.consume, &self.admin, right, channel)
     }
 }
 

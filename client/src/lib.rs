@@ -140,31 +140,34 @@ pub struct ClientConfig {
 impl ClientConfig {
     /// A config using `ca.pem`, `client.pem` and `client.key` from `certs_dir`.
     pub fn from_certs_dir(broker: &str, certs_dir: &Path) -> Result<ClientConfig, Error> {
-        Ok(ClientConfig {
-            broker: broker.to_owned(),
-            server_name: None,
-            tls: Arc::new(net::client_tls(certs_dir)?),
-            client_name: format!("directmq-client/{}", env!("CARGO_PKG_VERSION")),
-            net: net::NetOptions::default(),
-            connect_timeout: Duration::from_secs(10),
-            reconnect_for: None,
-            token: None,
-        })
+        Ok(ClientConfig::with_tls(
+            broker,
+            net::client_tls(certs_dir)?,
+            None,
+        ))
     }
 
     /// A config that authenticates with `token` instead of a client certificate and
     /// verifies the broker with the CA in `ca_file`.
     pub fn with_token(broker: &str, ca_file: &Path, token: &str) -> Result<ClientConfig, Error> {
-        Ok(ClientConfig {
+        Ok(ClientConfig::with_tls(
+            broker,
+            net::token_tls(ca_file)?,
+            Some(token.to_owned()),
+        ))
+    }
+
+    fn with_tls(broker: &str, tls: rustls::ClientConfig, token: Option<String>) -> ClientConfig {
+        ClientConfig {
             broker: broker.to_owned(),
             server_name: None,
-            tls: Arc::new(net::token_tls(ca_file)?),
+            tls: Arc::new(tls),
             client_name: format!("directmq-client/{}", env!("CARGO_PKG_VERSION")),
             net: net::NetOptions::default(),
             connect_timeout: Duration::from_secs(10),
             reconnect_for: None,
-            token: Some(token.to_owned()),
-        })
+            token,
+        }
     }
 
     fn server_name(&self) -> String {

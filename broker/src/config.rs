@@ -18,6 +18,17 @@ pub enum DurabilityMode {
     Interval,
 }
 
+/// What a channel does when it hits `max_age_ms` or `max_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFull {
+    /// Refuse publishes with STORAGE_FULL until consumers catch up (nothing is lost).
+    Refuse,
+    /// Move every consumer past the oldest unconsumed messages so the bound holds; what
+    /// is skipped is counted (`directmq_dropped_messages_total`, `Consumer::dropped`).
+    DropOldest,
+}
+
 /// Everything `directmq serve` can be told.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -55,6 +66,8 @@ pub struct Config {
     /// Per channel, by default: refuse publishes once this many payload bytes are not yet
     /// committed by every consumer (0: no bound).
     pub max_bytes: u64,
+    /// Per channel, by default: what hitting `max_age_ms` or `max_bytes` does.
+    pub on_full: OnFull,
     /// Refuse publishes once the log's segment files (plus appends in flight) would exceed
     /// this many bytes (0: no budget).
     pub max_disk_bytes: u64,
@@ -101,6 +114,7 @@ pub struct ChannelOverride {
     /// Retention bounds for these channels (0: no bound); see the broker-wide keys.
     pub max_age_ms: Option<u64>,
     pub max_bytes: Option<u64>,
+    pub on_full: Option<OnFull>,
 }
 
 /// The settings that apply to one channel.
@@ -112,6 +126,7 @@ pub struct ChannelSettings {
     pub max_age_ms: u64,
     /// 0: no bound.
     pub max_bytes: u64,
+    pub on_full: OnFull,
 }
 
 impl Default for Config {
@@ -134,6 +149,7 @@ impl Default for Config {
             retention_interval_ms: 10_000,
             max_age_ms: 0,
             max_bytes: 0,
+            on_full: OnFull::Refuse,
             max_disk_bytes: 0,
             disk_high_water_percent: 95,
             idle_timeout_ms: 30_000,
@@ -351,6 +367,7 @@ impl Config {
                 .unwrap_or(self.max_message_bytes),
             max_age_ms: o.and_then(|o| o.max_age_ms).unwrap_or(self.max_age_ms),
             max_bytes: o.and_then(|o| o.max_bytes).unwrap_or(self.max_bytes),
+            on_full: o.and_then(|o| o.on_full).unwrap_or(self.on_full),
         }
     }
 

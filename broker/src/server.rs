@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::acl::{Acl, Right};
-use crate::config::{ChannelSettings, Config};
+use crate::config::{ChannelSettings, Config, OnFull};
 use crate::engine::{self, Incoming, PublishDecision, Refusal};
 use crate::metrics as m;
 use crate::tokens::{Claims, Revocations, TokenKeys};
@@ -70,6 +70,9 @@ pub struct Broker {
     lag_names: Mutex<HashSet<String>>,
     /// Channels over a retention bound, with why (set by the bounds check).
     full_channels: Mutex<HashMap<u64, String>>,
+    /// Drop-oldest channels: the offset below which retention may delete even without
+    /// consumer commits (a channel with no consumer keeps everything otherwise).
+    forced_floors: Mutex<HashMap<u64, u64>>,
     /// Why the filesystem counts as full, when it does (set by the bounds check).
     disk_full: Mutex<Option<String>>,
     /// Payload bytes of publishes planned but not yet written, for the disk budget.
@@ -111,6 +114,7 @@ impl Broker {
             started_ms: now_ms(),
             lag_names: Mutex::new(HashSet::new()),
             full_channels: Mutex::new(HashMap::new()),
+            forced_floors: Mutex::new(HashMap::new()),
             disk_full: Mutex::new(None),
             reserved_bytes: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             connections: AtomicUsize::new(0),
@@ -346,9 +350,13 @@ impl Broker {
                 _ = shutdown.changed() => return,
             }
             let store = self.store.clone();
+            let forced = self.forced_floors.lock().expect("forced lock").clone();
             let result = tokio::task::spawn_blocking(move || {
-                store
-                    .retain(|state, id| state.channel(id).map_or(u64::MAX, engine::retention_floor))
+                store.retain(|state, id| {
+                    state.channel(id).map_or(u64::MAX, |c| {
+                        engine::retention_floor(c).max(forced.get(&id).copied().unwrap_or(0))
+                    })
+                })
             })
             .await;
             match result {
@@ -1056,28 +1064,28 @@ impl Broker {
     /// to them are refused with STORAGE_FULL until retention and consumers make room.
     fn check_bounds(&self) {
         let now = now_ms();
-        // (id, name, floor) for channels with a bound, taken under the state lock.
-        let bounded: Vec<(u64, String, u64, u64, u64)> = self.store.with_state(|s| {
+        // Channels with a bound, taken under the state lock.
+        let forced = self.forced_floors.lock().expect("forced lock").clone();
+        let bounded: Vec<(u64, String, u64, u64, ChannelSettings)> = self.store.with_state(|s| {
             s.channels_with_prefix("")
                 .filter(|c| c.durable)
                 .filter_map(|c| {
                     let settings = self.config.channel_settings(&c.name);
-                    let floor = engine::retention_floor(c);
+                    let floor = engine::retention_floor(c)
+                        .max(forced.get(&c.id).copied().unwrap_or(0))
+                        .min(c.next_offset);
                     ((settings.max_bytes > 0 || settings.max_age_ms > 0) && floor < c.next_offset)
-                        .then(|| {
-                            (
-                                c.id,
-                                c.name.clone(),
-                                floor,
-                                settings.max_bytes,
-                                settings.max_age_ms,
-                            )
-                        })
+                        .then(|| (c.id, c.name.clone(), floor, c.next_offset, settings))
                 })
                 .collect()
         });
         let mut full = HashMap::new();
-        for (id, name, floor, max_bytes, max_age_ms) in bounded {
+        for (id, name, floor, head, settings) in bounded {
+            let (max_bytes, max_age_ms) = (settings.max_bytes, settings.max_age_ms);
+            if settings.on_full == OnFull::DropOldest {
+                self.drop_oldest(id, &name, floor, head, max_bytes, max_age_ms, now);
+                continue;
+            }
             let Ok((bytes, oldest)) = self.store.backlog(id, floor) else {
                 continue;
             };
@@ -1112,6 +1120,69 @@ impl Broker {
             None
         };
         *self.disk_full.lock().expect("disk lock") = disk;
+    }
+
+    /// Moves every consumer of a drop-oldest channel past what exceeds its bounds, and lets
+    /// retention delete it; counts what was dropped.
+    #[allow(clippy::too_many_arguments)]
+    fn drop_oldest(
+        &self,
+        id: u64,
+        name: &str,
+        floor: u64,
+        head: u64,
+        max_bytes: u64,
+        max_age_ms: u64,
+        now: u64,
+    ) {
+        let mut target = floor;
+        if max_bytes > 0 {
+            match self.store.offset_keeping_bytes(id, floor, max_bytes) {
+                Ok(offset) => target = target.max(offset),
+                Err(e) => warn!(channel = %name, error = %e, "drop-oldest: index scan failed"),
+            }
+        }
+        if max_age_ms > 0 {
+            let newest_too_old = now.saturating_sub(max_age_ms);
+            match self
+                .store
+                .offset_at_time(id, floor, head, newest_too_old + 1)
+            {
+                Ok(offset) => target = target.max(offset),
+                Err(e) => warn!(channel = %name, error = %e, "drop-oldest: index lookup failed"),
+            }
+        }
+        let target = target.min(head);
+        if target <= floor {
+            return;
+        }
+        // Every consumer behind the target commits it: durable, so a restart keeps it.
+        let records: Vec<Record> = self.store.with_state(|s| {
+            s.channel(id).map_or_else(Vec::new, |c| {
+                c.consumers
+                    .iter()
+                    .filter(|(_, &committed)| committed < target)
+                    .map(|(consumer, _)| Record::CursorCommitted {
+                        channel_id: id,
+                        consumer: consumer.clone(),
+                        offset: target,
+                    })
+                    .collect()
+            })
+        });
+        if !records.is_empty() {
+            if let Err(e) = self.store.append_blocking(records) {
+                warn!(channel = %name, error = %e, "drop-oldest: could not move the consumers");
+                return;
+            }
+        }
+        self.forced_floors
+            .lock()
+            .expect("forced lock")
+            .insert(id, target);
+        let dropped = target - floor;
+        metrics::counter!(m::DROPPED_MESSAGES).increment(dropped);
+        warn!(channel = %name, dropped, from = floor, to = target, "drop-oldest: dropped unconsumed messages to stay within the channel's bounds");
     }
 
     /// Whether a batch of `bytes` to `channel_id` may be appended under the bounds.
@@ -1658,6 +1729,19 @@ impl Broker {
                     .into_iter()
                     .filter(|m| m.offset < head_now)
                     .collect();
+                if let Some(first) = messages.first().filter(|m| m.offset > next) {
+                    // The batches at `next` are gone (see the MESSAGES_DROPPED case below).
+                    writer
+                        .fail(
+                            ErrorCode::MESSAGES_DROPPED,
+                            format!(
+                                "offsets {next}..{} are no longer stored; subscribe again to continue",
+                                first.offset
+                            ),
+                        )
+                        .await;
+                    break;
+                }
                 if let Some(last) = messages.last() {
                     let bytes: u64 = messages.iter().map(|m| m.payload.len() as u64).sum();
                     next = last.offset + 1;
@@ -1686,7 +1770,19 @@ impl Broker {
                         .store
                         .with_state(|s| s.channel(channel_id).map(|c| c.first_offset));
                     match first {
-                        Some(first) if first > next => next = first,
+                        Some(first) if first > next => {
+                            // What this session was about to deliver is gone (a
+                            // drop-oldest bound moved the consumer on, or retention raced a
+                            // new consumer). The client subscribes again and continues from
+                            // the committed offset; a silent jump would look like a gap.
+                            writer
+                                .fail(
+                                    ErrorCode::MESSAGES_DROPPED,
+                                    format!("offsets {next}..{first} are no longer stored; subscribe again to continue"),
+                                )
+                                .await;
+                            break;
+                        }
                         Some(_) => {
                             warn!(channel_id, offset = next, "no batch at a durable offset");
                             writer

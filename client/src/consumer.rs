@@ -40,6 +40,7 @@ pub struct Consumer {
     messages: mpsc::UnboundedReceiver<Result<Message, Error>>,
     cmd: mpsc::UnboundedSender<Cmd>,
     first_offset: u64,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Consumer {
@@ -61,6 +62,7 @@ impl Consumer {
         let (stream, subscribed) = open_stream(&client, &subscribe).await?;
         let (messages_tx, messages) = mpsc::unbounded_channel();
         let (cmd, cmd_rx) = mpsc::unbounded_channel();
+        let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let task = Task {
             client,
             subscribe,
@@ -73,13 +75,22 @@ impl Consumer {
             commit_waiters: Vec::new(),
             taken_messages: 0,
             taken_bytes: 0,
+            dropped: dropped.clone(),
         };
         tokio::spawn(task.run());
         Ok(Consumer {
             messages,
             cmd,
             first_offset: subscribed.next_offset,
+            dropped,
         })
+    }
+
+    /// Offsets this session skipped because the broker no longer stored them when it got
+    /// there: a drop-oldest retention bound moved the consumer past them. 0 unless the
+    /// channel opted into drop-oldest.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The offset delivery started at (the committed offset when the session opened).
@@ -148,6 +159,7 @@ struct Task {
     commit_waiters: Vec<(u64, oneshot::Sender<Result<(), Error>>)>,
     taken_messages: u32,
     taken_bytes: u64,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Task {
@@ -201,6 +213,12 @@ impl Task {
         let (mut stream, subscribed) = open_stream(&self.client, &self.subscribe).await?;
         // At least once: the broker restarts at its committed offset; what this session
         // already yielded is skipped. If the consumer was moved forward, follow it.
+        if subscribed.next_offset > self.next {
+            self.dropped.fetch_add(
+                subscribed.next_offset - self.next,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
         self.next = self.next.max(subscribed.next_offset);
         if let Some(offset) = self.commit_requested {
             stream
@@ -264,6 +282,13 @@ impl Task {
             Frame::Error(e) => {
                 let error = Error::from_frame(e);
                 if error.is_transient() {
+                    self.stream = None;
+                    return Ok(());
+                }
+                if error.code() == Some(ErrorCode::MESSAGES_DROPPED) {
+                    // Subscribing again starts at the committed offset, which the broker
+                    // moved past what it dropped; `reopen` follows it and counts the skip.
+                    tracing::warn!(channel = %self.channel, %error, "messages were dropped before this consumer read them");
                     self.stream = None;
                     return Ok(());
                 }

@@ -52,6 +52,7 @@ codes! {
     INVALID_SEQUENCE = 15, "sequence numbers must strictly increase within a batch";
     INVALID_NAME = 16, "the producer id or consumer name is invalid";
     OFFSET_OUT_OF_RANGE = 17, "the offset is beyond the channel's head";
+    MESSAGES_DROPPED = 18, "messages ahead of this session are no longer stored (a drop-oldest bound or retention); subscribe again to continue after them";
     UNAUTHORIZED = 20, "the identity is not allowed to do this";
     STORAGE_FULL = 30, "the broker's storage is full; retry later";
     STORAGE_ERROR = 31, "the broker could not write to its storage";

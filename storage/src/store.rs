@@ -452,6 +452,38 @@ impl Store {
         Ok(lo)
     }
 
+    /// The first batch boundary at or after `from` from which at most `max_bytes` of
+    /// payload remain to the head (whole batches are kept or dropped): where a consumer
+    /// must move to keep a channel's backlog under `max_bytes`.
+    pub fn offset_keeping_bytes(
+        &self,
+        channel_id: u64,
+        from: u64,
+        max_bytes: u64,
+    ) -> Result<u64, StorageError> {
+        let mut batches: Vec<(u64, u64, u64)> = Vec::new();
+        let mut next = from;
+        loop {
+            let entries = self.shared.index.scan(channel_id, next, 1024)?;
+            let Some(last) = entries.last() else { break };
+            next = last.end_offset();
+            batches.extend(
+                entries
+                    .iter()
+                    .map(|e| (e.base_offset, e.end_offset(), e.bytes)),
+            );
+        }
+        let mut remaining: u64 = batches.iter().map(|b| b.2).sum();
+        for &(base, end, bytes) in &batches {
+            if remaining <= max_bytes {
+                return Ok(base.max(from));
+            }
+            remaining -= bytes;
+            next = end;
+        }
+        Ok(next.max(from))
+    }
+
     /// Deletes every closed segment that holds only messages below their channel's floor.
     /// `floor(state, channel)` is the offset below which a channel's messages may go; a
     /// channel missing from the state (deleted) may lose everything. Before deleting, a

@@ -153,7 +153,7 @@ async fn status_reports_exact_lag_in_messages_bytes_and_seconds_and_flags_a_stal
 }
 
 /// One `GET /metrics`, as name (with labels) → value.
-async fn scrape(http: SocketAddr) -> Result<HashMap<String, f64>> {
+pub(crate) async fn scrape(http: SocketAddr) -> Result<HashMap<String, f64>> {
     let mut stream = tokio::net::TcpStream::connect(http).await?;
     stream
         .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -290,7 +290,7 @@ async fn every_documented_metric_is_exported_and_moves_under_load() -> Result<()
     };
 
     // Present: every documented metric. Those that count only disk faults (corrupt
-    // records, torn tails, write errors) or drop-oldest (not available, so always 0) are
+    // records, torn tails, write errors) or drop-oldest drops (moved in retention.rs) are
     // checked for presence only: this test causes none of those.
     let fault_only = [
         "directmq_storage_corrupt_records_total",
@@ -471,6 +471,7 @@ async fn channel_overrides_apply_by_the_longest_prefix() -> Result<()> {
                 max_message_bytes: Some(1000),
                 max_age_ms: None,
                 max_bytes: None,
+                on_full: None,
             },
             directmq_broker::config::ChannelOverride {
                 prefix: "small/big/".into(),
@@ -478,6 +479,7 @@ async fn channel_overrides_apply_by_the_longest_prefix() -> Result<()> {
                 max_message_bytes: Some(5000),
                 max_age_ms: None,
                 max_bytes: None,
+                on_full: None,
             },
         ],
         ..test_config(dir.path())

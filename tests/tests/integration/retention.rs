@@ -120,6 +120,7 @@ async fn a_channel_over_its_bounds_refuses_publishes_until_its_consumer_catches_
                 max_message_bytes: None,
                 max_age_ms: None,
                 max_bytes: Some(100_000),
+                on_full: None,
             },
             ChannelOverride {
                 prefix: "age/".into(),
@@ -127,6 +128,7 @@ async fn a_channel_over_its_bounds_refuses_publishes_until_its_consumer_catches_
                 max_message_bytes: None,
                 max_age_ms: Some(200),
                 max_bytes: None,
+                on_full: None,
             },
         ],
         ..test_config(dir.path())
@@ -225,4 +227,91 @@ async fn accepted_within(producer: &directmq_client::Producer, limit: Duration) 
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drop_oldest_channel_moves_its_consumers_on_and_counts_what_it_dropped() -> Result<()> {
+    const MESSAGE: usize = 128 * 1024;
+    const MESSAGES: u64 = 160; // 20 MiB, ten times the channel's 2 MiB bound
+    directmq_tests::init_logging();
+    let dir = tempfile::tempdir()?;
+    let config = directmq_broker::Config {
+        segment_bytes: 1024 * 1024,
+        retention_interval_ms: 20,
+        channels: vec![ChannelOverride {
+            prefix: "lossy/".into(),
+            durability: None,
+            max_message_bytes: None,
+            max_age_ms: None,
+            max_bytes: Some(2 * 1024 * 1024),
+            on_full: Some(directmq_broker::config::OnFull::DropOldest),
+        }],
+        ..test_config(dir.path())
+    };
+    let running = directmq_broker::start(config).await?;
+    let c = client(running.quic_addr, dir.path()).await?;
+    c.create_channel("lossy/a").await?;
+    // A live session that takes one message, then stops reading for a while.
+    let mut consumer = c
+        .consumer("lossy/a", "dc-b", StartPosition::Earliest)
+        .await?;
+    // Publishing is never refused on a drop-oldest channel.
+    let producer = c.producer("lossy/a", "p").await?;
+    let mut acks = Vec::new();
+    for i in 0..MESSAGES {
+        acks.push(producer.enqueue(vec![(i % 251) as u8; MESSAGE]).await?);
+    }
+    for ack in acks {
+        ack.await?;
+    }
+    ensure!(consumer.next().await.context("closed")??.offset == 0);
+    // The broker moves dc-b past what exceeds 2 MiB (to about offset 144), and retention
+    // deletes it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let info = c.list_channels("lossy/").await?;
+        let status = c.status("lossy/").await?;
+        let committed = status[0].consumers[0].committed;
+        // Past the 128 messages (16 MiB of credit) the session may already hold.
+        if committed > 130 && info[0].first > 130 {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "not dropped: committed {committed}, first retained {}",
+            info[0].first
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The session reads on: what it had received, then a jump past the dropped messages,
+    // then every message to the head, in order.
+    let mut last = 0;
+    let mut jumped = false;
+    while last + 1 < MESSAGES {
+        let m = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+            .await
+            .context("the consumer stalled after the drop")?
+            .context("closed")??;
+        ensure!(m.offset > last, "offset {} after {last}", m.offset);
+        jumped |= m.offset > last + 1;
+        ensure!(
+            m.payload[0] == (m.offset % 251) as u8,
+            "payload of {}",
+            m.offset
+        );
+        last = m.offset;
+    }
+    ensure!(jumped, "no offsets were skipped");
+    ensure!(
+        consumer.dropped() > 0,
+        "the consumer did not count the skip"
+    );
+    eprintln!(
+        "drop-oldest: the live consumer skipped {} offsets",
+        consumer.dropped()
+    );
+    drop(consumer);
+    c.close().await;
+    running.shutdown().await;
+    Ok(())
 }

@@ -25,6 +25,8 @@ const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most messages and payload bytes in one Deliver frame.
 const DELIVER_MESSAGES: usize = 1024;
 const DELIVER_BYTES: u64 = 1024 * 1024;
+/// Largest Hello from a peer not yet authenticated (a token is well under 4 KiB).
+const HELLO_LIMIT: u64 = 64 * 1024;
 /// Publish batches accepted on one stream before their acks are written.
 const ACKS_IN_FLIGHT: usize = 256;
 /// Channel creations and deletions buffered for slow watchers; one that falls further
@@ -180,6 +182,20 @@ impl Broker {
             return Err(Refusal::new(
                 ErrorCode::UNAUTHORIZED,
                 format!("the token {} was revoked", token.id),
+            ));
+        }
+        if !self
+            .token_keys
+            .read()
+            .expect("token keys lock")
+            .knows(&token.kid)
+        {
+            return Err(Refusal::new(
+                ErrorCode::UNAUTHORIZED,
+                format!(
+                    "the key that signed token {} was removed; get a new token",
+                    token.id
+                ),
             ));
         }
         if now_ms() >= token.exp {
@@ -461,7 +477,14 @@ impl Broker {
         };
         let mut writer = FrameWriter::new(send);
         let frame_timeout = Duration::from_millis(self.config.frame_timeout_ms);
-        let mut reader = FrameReader::new(recv, max_frame).with_frame_timeout(frame_timeout);
+        // Until it is authenticated (by a token in its Hello), a peer without a
+        // certificate gets a small frame limit.
+        let first_limit = if identity.is_some() {
+            max_frame
+        } else {
+            HELLO_LIMIT
+        };
+        let mut reader = FrameReader::new(recv, first_limit).with_frame_timeout(frame_timeout);
         let principal = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, reader.next()).await {
             Ok(Ok(Some(Frame::Hello(hello)))) if hello.version == proto::PROTOCOL_VERSION => {
                 debug!(client = %hello.client, "hello");
@@ -508,6 +531,7 @@ impl Broker {
                 return;
             }
         };
+        reader.set_max_frame_bytes(max_frame);
         let hello_ok = Frame::HelloOk(proto::HelloOk {
             version: proto::PROTOCOL_VERSION,
             server: format!("directmq/{}", env!("CARGO_PKG_VERSION")),
@@ -665,6 +689,7 @@ impl Broker {
         identity: &Principal,
         body: RequestBody,
     ) -> Result<ResponseBody, Refusal> {
+        self.check_token(identity)?;
         match body {
             RequestBody::CreateChannel { name } => {
                 self.authorize(identity, Right::Admin, &name)?;
@@ -764,30 +789,39 @@ impl Broker {
                     ));
                 }
                 let id = self.channel_id(&channel)?;
-                if self
+                // Hold the consumer's lease while resetting, so no session opens and
+                // reads the old position meanwhile.
+                let key = (id, consumer.clone());
+                if !self
                     .sessions
                     .lock()
                     .expect("sessions lock")
-                    .contains(&(id, consumer.clone()))
+                    .insert(key.clone())
                 {
                     return Err(Refusal::new(
                         ErrorCode::CONSUMER_BUSY,
                         format!("consumer {consumer:?} on {channel:?} has an active session; stop it first"),
                     ));
                 }
-                let to = self.resolve_start(id, to).await?;
-                let offset = self
-                    .store
-                    .with_state(|s| s.channel(id).map(|c| engine::start_offset(c, to)))
-                    .ok_or_else(|| {
-                        Refusal::new(ErrorCode::CHANNEL_NOT_FOUND, "the channel was deleted")
-                    })?;
-                self.append(vec![Record::CursorCommitted {
-                    channel_id: id,
-                    consumer: consumer.clone(),
-                    offset,
-                }])
-                .await?;
+                let reset = async {
+                    let to = self.resolve_start(id, to).await?;
+                    let offset = self
+                        .store
+                        .with_state(|s| s.channel(id).map(|c| engine::start_offset(c, to)))
+                        .ok_or_else(|| {
+                            Refusal::new(ErrorCode::CHANNEL_NOT_FOUND, "the channel was deleted")
+                        })?;
+                    self.append(vec![Record::CursorCommitted {
+                        channel_id: id,
+                        consumer: consumer.clone(),
+                        offset,
+                    }])
+                    .await
+                }
+                .await;
+                self.sessions.lock().expect("sessions lock").remove(&key);
+                self.lease_released.notify_waiters();
+                reset?;
                 self.note_progress(id, &consumer);
                 Ok(ResponseBody::Done)
             }
@@ -798,6 +832,13 @@ impl Broker {
                 admin,
                 ttl_ms,
             } => {
+                if identity.token.is_some() {
+                    // A token must not outlive its own revocation through children.
+                    return Err(Refusal::new(
+                        ErrorCode::UNAUTHORIZED,
+                        "tokens are issued to certificate holders only; connect with a client certificate",
+                    ));
+                }
                 if let Err(e) = proto::validate_identifier(&subject) {
                     return Err(Refusal::new(
                         ErrorCode::INVALID_NAME,
@@ -864,7 +905,10 @@ impl Broker {
                         {
                             self.authorize(identity, Right::Admin, prefix)?;
                         }
-                        (claims.id, claims.exp)
+                        // Renewals share the id and may expire later than this token;
+                        // none made before now outlives now + the longest lifetime.
+                        let cover = now_ms().saturating_add(self.config.max_token_ttl_ms);
+                        (claims.id, claims.exp.max(cover))
                     }
                     Err(_)
                         if token_or_id.len() == 32
@@ -1815,6 +1859,11 @@ impl Broker {
                         credit_bytes = credit_bytes.saturating_add(c.bytes);
                     }
                     Some(Ok(Some(Frame::Commit(c)))) => {
+                        if let Err(r) = self.authorize(&identity, Right::Consume, &sub.channel) {
+                            metrics::counter!(m::REFUSED, "op" => "commit", "code" => r.code.name()).increment(1);
+                            writer.fail(r.code, r.message).await;
+                            break;
+                        }
                         if c.offset <= last_commit {
                             // Cumulative: an older commit than one already taken changes nothing.
                             let _ = commits_tx.send(Ok(c.offset));

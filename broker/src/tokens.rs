@@ -158,6 +158,11 @@ impl TokenKeys {
             .map_err(|e| format!("could not write the token keys {}: {e}", path.display()))
     }
 
+    /// Whether a key of this id is loaded (a token signed by a removed key stops working).
+    pub fn knows(&self, kid: &str) -> bool {
+        self.keys.iter().any(|(id, _)| id == kid)
+    }
+
     /// A token for `claims`, signed with the first key (whose id it records).
     pub fn sign(&self, mut claims: Claims) -> String {
         let (kid, key) = &self.keys[0];

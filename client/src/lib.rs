@@ -342,6 +342,9 @@ impl Client {
         let started = tokio::time::Instant::now();
         let mut backoff = Duration::from_millis(20);
         loop {
+            if self.inner.closed.load(Ordering::Acquire) {
+                return Err(Error::Closed);
+            }
             match self.dial().await {
                 Ok(conn) => {
                     let conn = Arc::new(conn);
@@ -583,9 +586,10 @@ impl Client {
 
     /// Closes the connection; open producers and consumers fail.
     pub async fn close(&self) {
-        // Under the connection lock, so no producer or consumer task reconnects after it.
-        let mut slot = self.inner.conn.lock().await;
+        // Set before taking the connection lock (a reconnect loop may hold it while the
+        // broker is away; it checks the flag each round), and checked under it.
         self.inner.closed.store(true, Ordering::Release);
+        let mut slot = self.inner.conn.lock().await;
         if let Some(conn) = slot.take() {
             conn.connection.close(0u32.into(), b"client closed");
         }

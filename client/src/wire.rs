@@ -58,6 +58,10 @@ impl FrameReader {
     /// The next frame, or `None` when the peer finished the stream cleanly between frames.
     /// Cancel-safe: bytes already read stay buffered.
     pub async fn next(&mut self) -> Result<Option<Frame>, StreamError> {
+        if !self.buf.is_empty() {
+            // Time this reader was not asked for the frame is not the sender's.
+            self.frame_started = Some(tokio::time::Instant::now());
+        }
         loop {
             if let Some(total) = proto::frame_len(&self.buf, self.max_frame_bytes)? {
                 debug_assert!(self.buf.len() >= total);

@@ -111,6 +111,9 @@ impl Broker {
             return;
         }
         let mut seen = fingerprints(&self.reloadable_files());
+        // A change is loaded once the files read the same on two checks in a row, so a
+        // file caught half-written by an editor is not put into force.
+        let mut changed: Option<Vec<Option<u32>>> = None;
         let mut shutdown = self.shutdown.subscribe();
         loop {
             tokio::select! {
@@ -119,13 +122,20 @@ impl Broker {
             }
             let files = self.reloadable_files();
             let now = fingerprints(&files);
-            if now != seen {
-                info!("a certificate, key, CA or ACL file changed; reloading");
-                let broker = self.clone();
-                let _ = tokio::task::spawn_blocking(move || broker.reload()).await;
-                // Also when the reload failed: the next change (the fix) reloads again.
-                seen = now;
+            if now == seen {
+                changed = None;
+                continue;
             }
+            if changed.as_ref() != Some(&now) {
+                changed = Some(now);
+                continue;
+            }
+            changed = None;
+            info!("a certificate, key, CA or ACL file changed; reloading");
+            let broker = self.clone();
+            let _ = tokio::task::spawn_blocking(move || broker.reload()).await;
+            // Also when the reload failed: the next change (the fix) reloads again.
+            seen = now;
         }
     }
 

@@ -212,6 +212,8 @@ struct Inner {
     next_request: AtomicU64,
     /// Set by [`Client::close`]: nothing reconnects after it.
     closed: std::sync::atomic::AtomicBool,
+    /// The token sent in each hello (starts as `config.token`; see [`Client::set_token`]).
+    token: std::sync::Mutex<Option<String>>,
 }
 
 /// A connection to a broker that reconnects when needed. Cheap to clone.
@@ -247,6 +249,7 @@ impl Client {
             addr: config.broker.clone(),
             reason: e.to_string(),
         })?;
+        let token = config.token.clone();
         let client = Client {
             inner: Arc::new(Inner {
                 config,
@@ -254,6 +257,7 @@ impl Client {
                 conn: Mutex::new(None),
                 next_request: AtomicU64::new(1),
                 closed: std::sync::atomic::AtomicBool::new(false),
+                token: std::sync::Mutex::new(token),
             }),
         };
         client.connection().await?;
@@ -294,11 +298,12 @@ impl Client {
             recv,
             proto::max_frame_bytes(proto::DEFAULT_MAX_MESSAGE_BYTES),
         );
+        let token = self.inner.token.lock().expect("token lock").clone();
         writer
             .write(&Frame::Hello(proto::Hello {
                 version: proto::PROTOCOL_VERSION,
                 client: config.client_name.clone(),
-                token: config.token.clone(),
+                token,
             }))
             .await?;
         let hello = match tokio::time::timeout(config.connect_timeout, reader.next()).await {
@@ -581,6 +586,17 @@ impl Client {
         match self.request(body).await? {
             ResponseBody::Token(t) => Ok(t),
             other => Err(Error::Protocol(format!("unexpected response {other:?}"))),
+        }
+    }
+
+    /// Switches to `token` (say, one [`Client::renew_token`] returned before the current
+    /// one expires): the connection is replaced by one that presents it; producers and
+    /// consumers carry on across the reconnect as after any other.
+    pub async fn set_token(&self, token: &str) {
+        *self.inner.token.lock().expect("token lock") = Some(token.to_owned());
+        if let Some(conn) = self.inner.conn.lock().await.take() {
+            conn.connection
+                .close(0u32.into(), b"switching to a renewed token");
         }
     }
 

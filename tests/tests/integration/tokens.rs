@@ -154,10 +154,15 @@ async fn tokens_are_scoped_expire_renew_and_stay_revoked_across_a_restart() -> R
         kid: String::new(),
     });
     let holder = Client::connect(token_config(addr, data, &short)?).await?;
+    let mut reader = holder
+        .consumer("tok/x", "holder", StartPosition::Earliest)
+        .await?;
+    ensure!(reader.next().await.context("closed")??.offset == 0);
     let renewed = holder
         .renew_token(&short, Duration::from_secs(3600))
         .await?;
-    holder.close().await;
+    // The agent switches its live client to the renewed token; its consumer carries on.
+    holder.set_token(&renewed.token).await;
     ensure!(
         renewed.id == "fedcba9876543210fedcba9876543210",
         "{renewed:?}"
@@ -171,6 +176,16 @@ async fn tokens_are_scoped_expire_renew_and_stay_revoked_across_a_restart() -> R
         .expect_err("past its expiry");
     ensure!(err.to_string().contains("expired"), "{err}");
     use_token(addr, data, &renewed.token).await?;
+    // The live client, past the original expiry, still works on the renewed token.
+    admin.producer("tok/x", "p").await?.send("later").await?;
+    let m = tokio::time::timeout(Duration::from_secs(30), reader.next())
+        .await
+        .context("the consumer stopped at the original expiry")?
+        .context("closed")??;
+    ensure!(m.payload == "later".as_bytes(), "{m:?}");
+    ensure!(holder.hello().await?.identity == "agent");
+    drop(reader);
+    holder.close().await;
     // An expired token cannot be renewed.
     let err = admin
         .renew_token(&short, Duration::from_secs(60))

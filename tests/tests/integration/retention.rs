@@ -265,29 +265,35 @@ async fn a_drop_oldest_channel_moves_its_consumers_on_and_counts_what_it_dropped
         ack.await?;
     }
     ensure!(consumer.next().await.context("closed")??.offset == 0);
-    // The broker moves dc-b past what exceeds 2 MiB (to about offset 144), and retention
-    // deletes it.
+    // The broker moves dc-b past what exceeds 2 MiB, and retention deletes whole segments
+    // below that. A segment may hold several batches, so how far deletion reaches depends
+    // on batching: keep publishing (a bounded amount) until the segments past the 128
+    // messages (16 MiB of credit) the session may already hold are gone.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut head = MESSAGES;
     loop {
         let info = c.list_channels("lossy/").await?;
         let status = c.status("lossy/").await?;
         let committed = status[0].consumers[0].committed;
-        // Past the 128 messages (16 MiB of credit) the session may already hold.
         if committed > 130 && info[0].first > 130 {
             break;
         }
         ensure!(
-            tokio::time::Instant::now() < deadline,
+            tokio::time::Instant::now() < deadline && head < 4 * MESSAGES,
             "not dropped: committed {committed}, first retained {}",
             info[0].first
         );
+        for _ in 0..8 {
+            producer.send(vec![(head % 251) as u8; MESSAGE]).await?;
+            head += 1;
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The session reads on: what it had received, then a jump past the dropped messages,
     // then every message to the head, in order.
     let mut last = 0;
     let mut jumped = false;
-    while last + 1 < MESSAGES {
+    while last + 1 < head {
         let m = tokio::time::timeout(Duration::from_secs(20), consumer.next())
             .await
             .context("the consumer stalled after the drop")?

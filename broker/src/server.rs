@@ -53,7 +53,7 @@ pub struct Broker {
     store: Arc<Store>,
     pub(crate) acl: RwLock<Arc<Acl>>,
     pub(crate) token_keys: RwLock<Arc<TokenKeys>>,
-    revocations: Revocations,
+    revocations: Arc<Revocations>,
     /// The QUIC endpoint, once serving: reloads swap its TLS configuration.
     pub(crate) endpoint: Mutex<Option<quinn::Endpoint>>,
     /// Active consumer sessions: (channel id, consumer name).
@@ -106,7 +106,7 @@ impl Broker {
             store,
             acl: RwLock::new(Arc::new(acl)),
             token_keys: RwLock::new(Arc::new(token_keys)),
-            revocations,
+            revocations: Arc::new(revocations),
             endpoint: Mutex::new(None),
             sessions: Mutex::new(HashSet::new()),
             lease_released: tokio::sync::Notify::new(),
@@ -926,9 +926,13 @@ impl Broker {
                         ))
                     }
                 };
-                let revocations = &self.revocations;
+                // The file is written and fsync'd off the runtime's workers.
+                let revocations = self.revocations.clone();
                 let now = now_ms();
-                tokio::task::block_in_place(|| revocations.revoke(&id, exp, now))
+                let revoked = id.clone();
+                tokio::task::spawn_blocking(move || revocations.revoke(&revoked, exp, now))
+                    .await
+                    .map_err(|_| Refusal::new(ErrorCode::INTERNAL, "the revocation task failed"))?
                     .map_err(|e| Refusal::new(ErrorCode::STORAGE_ERROR, e))?;
                 info!(token = %id, "token revoked");
                 Ok(ResponseBody::Done)

@@ -498,6 +498,8 @@ impl Task {
     }
 
     fn fail_all(&mut self, error: Error) {
+        // Nothing is pending any more: a later STORAGE_FULL starts a new wait.
+        self.full_since = None;
         for in_flight in self.in_flight.drain(..) {
             for waiter in in_flight.waiters {
                 let _ = waiter.send(Err(error.clone()));

@@ -19,9 +19,9 @@ pub enum StreamError {
     SlowFrame(std::time::Duration),
 }
 
-/// Buffer grown at most this much ahead of the bytes actually received, so a header that
-/// declares a large frame costs nothing until its bytes arrive (bounded by QUIC flow
-/// control).
+/// Buffer grown at most this much (or as much as is already buffered, whichever is more)
+/// ahead of the bytes actually received, so a header that declares a large frame costs
+/// little until its bytes arrive: at most twice what was received, plus this.
 const RESERVE_STEP: usize = 4 * 1024 * 1024;
 
 /// Reads whole frames from a receive stream.
@@ -40,7 +40,9 @@ impl FrameReader {
     pub fn new(recv: quinn::RecvStream, max_frame_bytes: u64) -> FrameReader {
         FrameReader {
             recv,
-            buf: BytesMut::with_capacity(64 * 1024),
+            // Small to start: a broker holds one reader per stream, thousands of them for
+            // many channels; the buffer grows with the frames that actually arrive.
+            buf: BytesMut::with_capacity(8 * 1024),
             max_frame_bytes,
             frame_timeout: None,
             frame_started: None,
@@ -70,11 +72,14 @@ impl FrameReader {
                 return Ok(frame);
             }
             if self.buf.len() >= proto::HEADER_LEN {
-                // Grow towards the declared size in steps, never far ahead of what came.
+                // Grow towards the declared size, never far ahead of what came: by at
+                // least a step and at most what is buffered already, so a large frame is
+                // copied into a few doubling buffers instead of one per step.
                 let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
                 let total = proto::HEADER_LEN + len as usize;
                 let missing = total.saturating_sub(self.buf.len());
-                self.buf.reserve(missing.min(RESERVE_STEP));
+                self.buf
+                    .reserve(missing.min(RESERVE_STEP.max(self.buf.len())));
             }
             let read = self.recv.read_chunk(1 << 20, true);
             let chunk = match (self.frame_timeout, self.frame_started) {

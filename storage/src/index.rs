@@ -85,26 +85,26 @@ pub struct Span {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SegmentSummary {
     pub size: u64,
-    pub spans: Vec<(u64, Span)>,
+    /// By channel id. A map, not a list: with thousands of channels in one segment a
+    /// linear search per appended batch cost the writer thread a tenth of its time. bincode
+    /// writes a map exactly as it wrote the list of pairs, so checkpoints stay readable.
+    pub spans: std::collections::BTreeMap<u64, Span>,
 }
 
 impl SegmentSummary {
     pub fn add(&mut self, channel_id: u64, first: u64, end: u64, bytes: u64) {
-        match self.spans.iter_mut().find(|(id, _)| *id == channel_id) {
-            Some((_, span)) => {
+        self.spans
+            .entry(channel_id)
+            .and_modify(|span| {
                 span.first_offset = span.first_offset.min(first);
                 span.end_offset = span.end_offset.max(end);
                 span.bytes += bytes;
-            }
-            None => self.spans.push((
-                channel_id,
-                Span {
-                    first_offset: first,
-                    end_offset: end,
-                    bytes,
-                },
-            )),
-        }
+            })
+            .or_insert(Span {
+                first_offset: first,
+                end_offset: end,
+                bytes,
+            });
     }
 }
 
@@ -292,6 +292,30 @@ mod tests {
     }
 
     #[test]
+    fn a_summary_reads_the_list_of_pairs_earlier_checkpoints_wrote() {
+        #[derive(Serialize)]
+        struct Before {
+            size: u64,
+            spans: Vec<(u64, Span)>,
+        }
+        let span = |first_offset, end_offset, bytes| Span {
+            first_offset,
+            end_offset,
+            bytes,
+        };
+        let before = Before {
+            size: 99,
+            spans: vec![(7, span(0, 4, 40)), (3, span(10, 12, 20))],
+        };
+        let bytes = options().serialize(&before).unwrap();
+        let now: SegmentSummary = options().deserialize(&bytes).unwrap();
+        assert_eq!(now.size, 99);
+        assert_eq!(now.spans.len(), 2);
+        assert_eq!(now.spans[&7], span(0, 4, 40));
+        assert_eq!(now.spans[&3], span(10, 12, 20));
+    }
+
+    #[test]
     fn finds_the_batch_holding_an_offset() {
         let dir = tempfile::tempdir().unwrap();
         let index = Index::open(dir.path(), 1 << 20).unwrap();
@@ -326,7 +350,7 @@ mod tests {
             .unwrap();
         let loaded = index.load_checkpoint().unwrap().unwrap();
         assert_eq!((loaded.segment, loaded.position), (2, 99));
-        assert_eq!(loaded.summaries[0].1.spans[0].1.end_offset, 9);
-        assert_eq!(loaded.summaries[0].1.spans[0].1.bytes, 110);
+        assert_eq!(loaded.summaries[0].1.spans[&3].end_offset, 9);
+        assert_eq!(loaded.summaries[0].1.spans[&3].bytes, 110);
     }
 }

@@ -511,7 +511,7 @@ impl Store {
                 let live: Vec<(u64, crate::Span, u64)> = summary
                     .spans
                     .iter()
-                    .filter(|(channel, _)| state.channel(*channel).is_some())
+                    .filter(|(channel, _)| state.channel(**channel).is_some())
                     .map(|(channel, span)| (*channel, *span, floor(&state, *channel)))
                     .filter(|(_, span, floor)| span.end_offset > *floor)
                     .collect();
@@ -569,7 +569,7 @@ impl Store {
                 .expect("summaries lock")
                 .remove(id)
             {
-                touched.extend(summary.spans.iter().map(|(c, _)| *c));
+                touched.extend(summary.spans.keys().copied());
             }
             report.segments_deleted += 1;
             report.bytes_freed += size;
@@ -689,11 +689,9 @@ fn retained(summaries: &BTreeMap<u64, SegmentSummary>, channel_id: u64) -> (Opti
     let mut first: Option<u64> = None;
     let mut bytes = 0;
     for summary in summaries.values() {
-        for (c, span) in &summary.spans {
-            if *c == channel_id {
-                first = Some(first.map_or(span.first_offset, |f| f.min(span.first_offset)));
-                bytes += span.bytes;
-            }
+        if let Some(span) = summary.spans.get(&channel_id) {
+            first = Some(first.map_or(span.first_offset, |f| f.min(span.first_offset)));
+            bytes += span.bytes;
         }
     }
     (first, bytes)

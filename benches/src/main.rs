@@ -1013,6 +1013,10 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, HISTOGRAM_MAX_US, 3).expect("valid histogram bounds")
 }
 
+/// How much earlier than a paced message's time the producer asks the timer to wake it
+/// (tokio's timer resolution).
+const TIMER_SLACK: Duration = Duration::from_millis(1);
+
 fn micros(d: Duration) -> u64 {
     d.as_micros().min(u128::from(u64::MAX)) as u64
 }
@@ -1716,8 +1720,12 @@ async fn produce(
         if ctx.failed.load(Ordering::Relaxed) || ctx.stop.load(Ordering::Relaxed) {
             break;
         }
-        if scheduled > now {
-            tokio::time::sleep_until(scheduled.into()).await;
+        if scheduled > now + TIMER_SLACK {
+            // tokio's timer fires on a 1 ms tick at or after its deadline, so waking at
+            // the scheduled time itself would make every paced message up to 1 ms late,
+            // and that lateness of the tool would count as latency. Wake a tick early;
+            // a message sent before its time is measured from when it was sent (below).
+            tokio::time::sleep_until((scheduled - TIMER_SLACK).into()).await;
         }
         let permit = match tokio::time::timeout(STALL_LIMIT, permits.clone().acquire_owned()).await
         {
@@ -1728,8 +1736,11 @@ async fn produce(
             ),
         };
         let now = Instant::now();
+        // Paced runs measure from the scheduled time when the message goes out late
+        // (coordinated omission: a stalled broker cannot hide the backlog it caused) and
+        // from the actual send when it goes out early: never less than the real latency.
         let sent = if ctx.interval_s.is_some() {
-            scheduled
+            scheduled.min(now)
         } else {
             now
         };

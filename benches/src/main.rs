@@ -67,6 +67,13 @@ const HISTOGRAM_MAX_US: u64 = 3_600_000_000;
 const CATCH_UP_POLL: Duration = Duration::from_millis(10);
 /// OMB's floor for "the backlog is drained", in messages.
 const MIN_BACKLOG_MSGS: u64 = 1000;
+
+/// The backlog (in messages) at or below which a catch-up counts as drained: what the
+/// drain ratio leaves, and at least OMB's 1,000 messages, but never more than 1% of the
+/// backlog (a backlog of a few large messages must really be read).
+fn drained_below(backlog_msgs: u64, left_by_ratio: u64) -> u64 {
+    left_by_ratio.max(MIN_BACKLOG_MSGS.min(backlog_msgs / 100))
+}
 /// Catch-up phases (`Ctx::phase`).
 const PHASE_RUN: u8 = 0;
 const PHASE_BUILD: u8 = 1;
@@ -320,7 +327,7 @@ impl Plan {
                 Some(BacklogPlan {
                     gb,
                     target_msgs: capacity.max(1),
-                    empty_msgs: left.max(MIN_BACKLOG_MSGS),
+                    empty_msgs: drained_below(capacity, left),
                     drain_ratio,
                 })
             }
@@ -2480,4 +2487,21 @@ fn config_rows(plan: &Plan, broker: &str) -> Vec<(String, String)> {
     }
     rows.push(("broker".to_owned(), broker.to_owned()));
     rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backlog_of_few_large_messages_is_drained_only_when_read() {
+        // 0.5 GB of 64 MiB messages: all 8 must be read.
+        assert_eq!(drained_below(8, 0), 0);
+        // 1 GB of 1 KiB messages: OMB's floor of 1,000 messages.
+        assert_eq!(drained_below(1 << 20, 0), MIN_BACKLOG_MSGS);
+        // 50,000 messages: at most 1% (500) may be left.
+        assert_eq!(drained_below(50_000, 0), 500);
+        // A drain ratio leaving more wins.
+        assert_eq!(drained_below(1 << 20, 10_000), 10_000);
+    }
 }

@@ -21,7 +21,7 @@ mod store;
 
 pub use index::{IndexEntry, SegmentSummary, Span};
 pub use record::{
-    Batch, BatchMeta, Headers, ProducerStamp, Record, RecordError, RecordMeta, Sequences,
+    Batch, BatchMeta, Encoded, Headers, ProducerStamp, Record, RecordError, RecordMeta, Sequences,
     StoredMessage,
 };
 pub use state::{

@@ -191,11 +191,61 @@ fn options() -> impl Options {
         .allow_trailing_bytes()
 }
 
+/// Payloads at least this large are written from the publisher's own buffers instead of
+/// being copied into the record; smaller ones are copied (cheaper than an iovec each).
+const COPY_BELOW: usize = 16 * 1024;
+
+/// A record encoded for writing: its bytes in order, large payloads as slices of the
+/// buffers they arrived in rather than copies.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    parts: Vec<Bytes>,
+    len: usize,
+}
+
+impl Encoded {
+    /// Total length, header included.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn parts(&self) -> &[Bytes] {
+        &self.parts
+    }
+}
+
+impl From<Bytes> for Encoded {
+    fn from(bytes: Bytes) -> Encoded {
+        Encoded {
+            len: bytes.len(),
+            parts: vec![bytes],
+        }
+    }
+}
+
 impl Record {
-    /// Encodes the record with its header and checksum.
+    /// Encodes the record with its header and checksum into one buffer.
     pub fn encode(&self) -> Bytes {
-        let mut buf = BytesMut::with_capacity(RECORD_HEADER_LEN + self.encoded_hint());
+        let mut encoded = self.encode_with(usize::MAX);
+        debug_assert_eq!(encoded.parts.len(), 1);
+        encoded.parts.pop().expect("one part")
+    }
+
+    /// Encodes the record for a vectored write: the same bytes as [`Record::encode`], with
+    /// large payloads left where they are.
+    pub fn encode_parts(&self) -> Encoded {
+        self.encode_with(COPY_BELOW)
+    }
+
+    fn encode_with(&self, copy_below: usize) -> Encoded {
+        let mut buf = BytesMut::with_capacity(RECORD_HEADER_LEN + self.encoded_hint(copy_below));
         buf.put_bytes(0, RECORD_HEADER_LEN - 1);
+        // Parts after `buf`: large payloads, and small ones between them.
+        let mut rest: Vec<Bytes> = Vec::new();
         {
             let mut w = (&mut buf).writer();
             let r = match self {
@@ -249,28 +299,58 @@ impl Record {
                     let meta_len = options().serialized_size(&meta).unwrap_or(0) as u32;
                     w.get_mut().put_u32_le(meta_len);
                     let r = options().serialize_into(&mut w, &meta);
+                    let mut small = BytesMut::new();
                     for m in &batch.messages {
-                        w.get_mut().extend_from_slice(&m.payload);
+                        if m.payload.len() >= copy_below {
+                            if !small.is_empty() {
+                                rest.push(small.split().freeze());
+                            }
+                            rest.push(m.payload.clone());
+                        } else if rest.is_empty() {
+                            w.get_mut().extend_from_slice(&m.payload);
+                        } else {
+                            small.extend_from_slice(&m.payload);
+                        }
+                    }
+                    if !small.is_empty() {
+                        rest.push(small.freeze());
                     }
                     r
                 }
             };
             r.expect("bincode serialization into memory cannot fail");
         }
-        let len = (buf.len() - (RECORD_HEADER_LEN - 1)) as u32;
-        let crc = crc32c::crc32c(&buf[RECORD_HEADER_LEN - 1..]);
-        buf[0..4].copy_from_slice(&len.to_le_bytes());
+        let rest_len: usize = rest.iter().map(Bytes::len).sum();
+        let len = buf.len() - (RECORD_HEADER_LEN - 1) + rest_len;
+        let mut crc = crc32c::crc32c(&buf[RECORD_HEADER_LEN - 1..]);
+        for part in &rest {
+            crc = crc32c::crc32c_append(crc, part);
+        }
+        let declared = u32::try_from(len).expect("record larger than 4 GiB");
+        buf[0..4].copy_from_slice(&declared.to_le_bytes());
         buf[4..8].copy_from_slice(&crc.to_le_bytes());
-        buf.freeze()
+        let mut parts = Vec::with_capacity(1 + rest.len());
+        parts.push(buf.freeze());
+        parts.extend(rest);
+        Encoded {
+            parts,
+            len: len + RECORD_HEADER_LEN - 1,
+        }
     }
 
-    fn encoded_hint(&self) -> usize {
+    fn encoded_hint(&self, copy_below: usize) -> usize {
         match self {
             Record::Batch(b) => {
                 64 + b
                     .messages
                     .iter()
-                    .map(|m| m.payload.len() + 16)
+                    .map(|m| {
+                        16 + if m.payload.len() < copy_below {
+                            m.payload.len()
+                        } else {
+                            0
+                        }
+                    })
                     .sum::<usize>()
             }
             _ => 64,
@@ -448,6 +528,48 @@ mod tests {
             );
             assert_eq!(Record::decode(bytes).unwrap(), record);
         }
+    }
+
+    #[test]
+    fn a_record_in_parts_is_the_same_bytes_with_large_payloads_not_copied() {
+        let large = Bytes::from(vec![3u8; 40_000]);
+        let mut b = batch();
+        b.messages.insert(
+            1,
+            StoredMessage {
+                headers: vec![],
+                payload: large.clone(),
+            },
+        );
+        b.messages.push(StoredMessage {
+            headers: vec![],
+            payload: Bytes::from(vec![4u8; 20_000]),
+        });
+        b.messages.push(StoredMessage {
+            headers: vec![],
+            payload: Bytes::from_static(b"tail"),
+        });
+        let record = Record::Batch(b);
+        let whole = record.encode();
+        let encoded = record.encode_parts();
+        let joined: Vec<u8> = encoded
+            .parts()
+            .iter()
+            .flat_map(|p| p.iter().copied())
+            .collect();
+        assert_eq!(joined, whole.to_vec());
+        assert_eq!(encoded.len(), whole.len());
+        // head + small ones, the 40 KB payload, the empty and 3,000-byte ones, the 20 KB
+        // one, "tail".
+        assert_eq!(encoded.parts().len(), 5);
+        assert_eq!(
+            encoded.parts()[1].as_ptr(),
+            large.as_ptr(),
+            "written in place"
+        );
+        assert_eq!(Record::decode(whole).unwrap(), record);
+        // Only small payloads: one part.
+        assert_eq!(Record::Batch(batch()).encode_parts().parts().len(), 1);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::index::{Checkpoint, Index, IndexEntry, SegmentSummary};
-use crate::record::{BatchMeta, Headers, Record, RecordMeta};
+use crate::record::{BatchMeta, Encoded, Headers, Record, RecordMeta};
 use crate::segment::{self, ScanEnd};
 use crate::state::LogState;
 use crate::{metric, StorageError};
@@ -65,7 +65,7 @@ pub type Done = Box<dyn FnOnce(Result<(), Arc<StorageError>>) + Send>;
 
 enum Job {
     Append {
-        records: Vec<(RecordMeta, Bytes)>,
+        records: Vec<(RecordMeta, Encoded)>,
         done: Done,
         durability: Durability,
     },
@@ -167,7 +167,7 @@ impl Txn<'_> {
         let records = records
             .into_iter()
             .map(|record| {
-                let bytes = record.encode();
+                let bytes = record.encode_parts();
                 let meta = match record {
                     Record::Batch(b) => RecordMeta::Batch(BatchMeta {
                         channel_id: b.channel_id,
@@ -941,7 +941,7 @@ impl Writer {
                         None => {
                             let snapshot = self.shared.state.lock().expect("state lock").snapshot();
                             let record = Record::Snapshot(Box::new(snapshot));
-                            let bytes = record.encode();
+                            let bytes = Encoded::from(record.encode());
                             failed = self
                                 .write_group(vec![(vec![(RecordMeta::Other(record), bytes)], done)])
                                 .err();
@@ -994,7 +994,7 @@ impl Writer {
 
     fn write_group(
         &mut self,
-        group: Vec<(Vec<(RecordMeta, Bytes)>, Done)>,
+        group: Vec<(Vec<(RecordMeta, Encoded)>, Done)>,
     ) -> Result<(), Arc<StorageError>> {
         if group.is_empty() {
             return Ok(());
@@ -1125,7 +1125,7 @@ impl Writer {
     fn fail(
         &mut self,
         error: StorageError,
-        group: Vec<(Vec<(RecordMeta, Bytes)>, Done)>,
+        group: Vec<(Vec<(RecordMeta, Encoded)>, Done)>,
     ) -> Arc<StorageError> {
         tracing::error!(%error, "append failed");
         let error = Arc::new(error);
@@ -1191,12 +1191,13 @@ impl Writer {
 
 fn write_all_vectored(
     file: &mut File,
-    group: &[(Vec<(RecordMeta, Bytes)>, Done)],
+    group: &[(Vec<(RecordMeta, Encoded)>, Done)],
 ) -> std::io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> = group
         .iter()
         .flat_map(|(r, _)| r.iter())
-        .map(|(_, b)| IoSlice::new(b))
+        .flat_map(|(_, encoded)| encoded.parts())
+        .map(|part| IoSlice::new(part))
         .collect();
     // IOV_MAX is 1024 on Linux.
     let mut rest = &mut slices[..];

@@ -387,7 +387,12 @@ impl Plan {
     }
 
     fn producer_options(&self) -> ProducerOptions {
-        let mut options = ProducerOptions::default();
+        // The tool's own cap (with --in-flight) bounds what is outstanding; the client's
+        // default byte cap would otherwise hold one 64 MiB message in flight at a time.
+        let mut options = ProducerOptions {
+            max_in_flight_bytes: MAX_IN_FLIGHT_BYTES as usize,
+            ..ProducerOptions::default()
+        };
         if let Some(batch) = self.batch {
             options.max_batch_messages = batch as usize;
         }

@@ -40,9 +40,10 @@ impl FrameReader {
     pub fn new(recv: quinn::RecvStream, max_frame_bytes: u64) -> FrameReader {
         FrameReader {
             recv,
-            // Small to start: a broker holds one reader per stream, thousands of them for
-            // many channels; the buffer grows with the frames that actually arrive.
-            buf: BytesMut::with_capacity(8 * 1024),
+            // Empty to start: a broker holds one reader per stream, thousands of them for
+            // many channels (8 KiB each was 80 MB at 10,000); the buffer grows with the
+            // frames that actually arrive, to a whole frame once its header is in.
+            buf: BytesMut::new(),
             max_frame_bytes,
             frame_timeout: None,
             frame_started: None,

@@ -37,7 +37,10 @@ enum Cmd {
 /// yielded are not yielded again.
 #[derive(Debug)]
 pub struct Consumer {
-    messages: mpsc::UnboundedReceiver<Result<Message, Error>>,
+    /// A delivery's messages at a time: one channel operation per delivery, not per message.
+    messages: mpsc::UnboundedReceiver<Result<Vec<Message>, Error>>,
+    /// Received and not yet yielded.
+    buffered: std::collections::VecDeque<Message>,
     cmd: mpsc::UnboundedSender<Cmd>,
     first_offset: u64,
     dropped: Arc<std::sync::atomic::AtomicU64>,
@@ -80,6 +83,7 @@ impl Consumer {
         tokio::spawn(task.run());
         Ok(Consumer {
             messages,
+            buffered: std::collections::VecDeque::new(),
             cmd,
             first_offset: subscribed.next_offset,
             dropped,
@@ -100,14 +104,21 @@ impl Consumer {
 
     /// The next message; `None` once the consumer is closed for good.
     pub async fn next(&mut self) -> Option<Result<Message, Error>> {
-        let item = self.messages.recv().await?;
-        if let Ok(m) = &item {
-            let _ = self.cmd.send(Cmd::Taken {
-                messages: 1,
-                bytes: m.payload.len() as u64,
-            });
+        if let Some(message) = self.buffered.pop_front() {
+            return Some(Ok(message));
         }
-        Some(item)
+        let batch = match self.messages.recv().await? {
+            Ok(batch) => batch,
+            Err(e) => return Some(Err(e)),
+        };
+        // Taken once in this consumer's hands: the broker's credit bounds what is buffered
+        // here, and the application drains it.
+        let _ = self.cmd.send(Cmd::Taken {
+            messages: batch.len() as u32,
+            bytes: batch.iter().map(|m| m.payload.len() as u64).sum(),
+        });
+        self.buffered.extend(batch);
+        self.buffered.pop_front().map(Ok)
     }
 
     /// Commits every offset below `offset` and waits until the commit is durable.
@@ -153,7 +164,7 @@ struct Task {
     stream: Option<Stream>,
     /// The next offset to hand to the application.
     next: u64,
-    messages: mpsc::UnboundedSender<Result<Message, Error>>,
+    messages: mpsc::UnboundedSender<Result<Vec<Message>, Error>>,
     cmd: mpsc::UnboundedReceiver<Cmd>,
     commit_requested: Option<u64>,
     commit_waiters: Vec<(u64, oneshot::Sender<Result<(), Error>>)>,
@@ -235,6 +246,7 @@ impl Task {
     async fn on_frame(&mut self, frame: Frame) -> Result<(), Error> {
         match frame {
             Frame::Deliver(deliver) => {
+                let mut batch = Vec::with_capacity(deliver.messages.len());
                 for m in deliver.messages {
                     if m.offset < self.next {
                         // Redelivered after a reconnect; the application already has it. It
@@ -244,6 +256,11 @@ impl Task {
                         continue;
                     }
                     if m.offset != self.next {
+                        // What came before the bad one is in order: the application gets it
+                        // (`next` already counts it).
+                        if !batch.is_empty() {
+                            let _ = self.messages.send(Ok(batch));
+                        }
                         return Err(Error::Protocol(format!(
                             "expected offset {}, the broker sent {}",
                             self.next, m.offset
@@ -257,9 +274,10 @@ impl Task {
                         headers: m.headers,
                         payload: m.payload,
                     };
-                    if self.messages.send(Ok(message)).is_err() {
-                        return Ok(());
-                    }
+                    batch.push(message);
+                }
+                if !batch.is_empty() && self.messages.send(Ok(batch)).is_err() {
+                    return Ok(());
                 }
                 self.grant().await;
                 Ok(())

@@ -3,7 +3,6 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufReader, Read};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use bytes::{Bytes, BytesMut};
@@ -82,9 +81,19 @@ pub fn open_for_append(dir: &Path, id: u64) -> Result<(File, u64), StorageError>
 
 /// Reads exactly `len` bytes at `position`.
 pub fn read_at(file: &File, position: u64, len: usize) -> std::io::Result<Bytes> {
-    let mut buf = BytesMut::zeroed(len);
-    file.read_exact_at(&mut buf, position)?;
-    Ok(buf.freeze())
+    // Read into uninitialised capacity: zeroing the buffer first cost a few percent of a
+    // consumer catch-up (profiled), for bytes overwritten at once.
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    while buf.len() < len {
+        let at = position + buf.len() as u64;
+        let n = rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    // The capacity may exceed `len`, and so may what the last read brought.
+    buf.truncate(len);
+    Ok(Bytes::from(buf))
 }
 
 /// How a scan of one segment ended.

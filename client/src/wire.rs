@@ -69,6 +69,12 @@ impl FrameReader {
             if let Some(total) = proto::frame_len(&self.buf, self.max_frame_bytes)? {
                 debug_assert!(self.buf.len() >= total);
                 let frame = proto::decode(&mut self.buf, self.max_frame_bytes)?;
+                if self.buf.is_empty() {
+                    // Let the allocation go with the frame's payloads instead of keeping it
+                    // for the next frame: an idle stream then holds no buffer (thousands of
+                    // channels), and the next frame's allocation is sized to it anyway.
+                    self.buf = BytesMut::new();
+                }
                 self.frame_started = (!self.buf.is_empty()).then(tokio::time::Instant::now);
                 return Ok(frame);
             }

@@ -248,6 +248,7 @@ impl Store {
             last_checkpoint: Instant::now(),
             since_checkpoint: 0,
             cache_dropped_to: 0,
+            old_tail: None,
         };
         writer.checkpoint()?;
         let handle = std::thread::Builder::new()
@@ -842,6 +843,10 @@ fn last_snapshot(log_dir: &Path, ids: &[u64]) -> Result<Option<(u64, u64)>, Stor
     Ok(found)
 }
 
+/// Page cache dropped per step (one step per fdatasync): ~1.3 ms of `fadvise` on this
+/// machine kind.
+const CACHE_DROP_STEP: u64 = 8 * 1024 * 1024;
+
 struct Writer {
     shared: Arc<Shared>,
     file: File,
@@ -856,6 +861,9 @@ struct Writer {
     since_checkpoint: u64,
     /// The active segment's page cache is dropped below this position.
     cache_dropped_to: u64,
+    /// The previous segment's cached tail, `(file, from, to)`, dropped a step per sync after
+    /// a roll: all at once it stalled every ack behind the roll for 8-11 ms.
+    old_tail: Option<(File, u64, u64)>,
 }
 
 impl Writer {
@@ -1093,21 +1101,32 @@ impl Writer {
         self.unsynced = false;
         self.sync_requested = false;
         self.sync_by = None;
-        self.drop_cache(false);
+        self.drop_cache();
         Ok(())
     }
 
-    /// Drops clean pages of the active segment older than the cache window (all of them
-    /// when `all`), in steps of at least 8 MiB. Only advice: failures are ignored.
-    fn drop_cache(&mut self, all: bool) {
+    /// Drops clean pages of the active segment older than the cache window, in steps of at
+    /// least [`CACHE_DROP_STEP`], or first a step of the previous segment's tail. Only
+    /// advice: failures are ignored.
+    fn drop_cache(&mut self) {
+        if let Some((file, from, to)) = &mut self.old_tail {
+            let step = (*to - *from).min(CACHE_DROP_STEP);
+            let _ = rustix::fs::fadvise(
+                &*file,
+                *from,
+                std::num::NonZeroU64::new(step),
+                rustix::fs::Advice::DontNeed,
+            );
+            *from += step;
+            if *from >= *to {
+                self.old_tail = None;
+            }
+            // One step per sync.
+            return;
+        }
         let window = self.shared.options.page_cache_window_bytes;
-        let upto = if all {
-            self.len
-        } else {
-            self.len.saturating_sub(window)
-        };
-        if upto < self.cache_dropped_to + 8 * 1024 * 1024 && !(all && upto > self.cache_dropped_to)
-        {
+        let upto = self.len.saturating_sub(window);
+        if upto < self.cache_dropped_to + CACHE_DROP_STEP {
             return;
         }
         let len = std::num::NonZeroU64::new(upto - self.cache_dropped_to);
@@ -1174,11 +1193,14 @@ impl Writer {
 
     fn roll(&mut self) -> Result<(), StorageError> {
         self.sync()?;
-        self.drop_cache(true);
-        self.cache_dropped_to = 0;
         let next = self.id + 1;
         let file = segment::create_segment(&self.shared.log_dir, next)?;
-        self.file = file;
+        let old = std::mem::replace(&mut self.file, file);
+        if self.len > self.cache_dropped_to {
+            // A tail still cached from an earlier roll is left to the kernel.
+            self.old_tail = Some((old, self.cache_dropped_to, self.len));
+        }
+        self.cache_dropped_to = 0;
         self.id = next;
         self.len = segment::SEGMENT_HEADER_LEN;
         self.shared.active_segment.store(next, Ordering::Release);

@@ -167,6 +167,12 @@ impl Index {
         Ok(())
     }
 
+    /// Inserts entries one by one: sled's `apply_batch` for a group commit's worth cost more
+    /// CPU (1.22 vs 1.07 cores) and memory (peak RSS 400 vs 230 MB) with 10,000 channels.
+    pub fn insert_all(&self, entries: &[IndexEntry]) -> Result<(), StorageError> {
+        entries.iter().try_for_each(|entry| self.insert(entry))
+    }
+
     /// The batch holding `offset`, or the first one after it.
     pub fn find(&self, channel_id: u64, offset: u64) -> Result<Option<IndexEntry>, StorageError> {
         if let Some(item) = self

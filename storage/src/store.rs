@@ -1039,27 +1039,37 @@ impl Writer {
         }
         self.since_checkpoint += total;
         // Durable: apply in log order, then complete.
+        // Indexed first, as one sled batch: whoever sees the state's new heads (a session
+        // opening, a consumer told by a completion) must find the batches in the index.
         let mut position = start;
+        let mut entries = Vec::new();
+        for (records, _) in &group {
+            for (meta, bytes) in records {
+                if let RecordMeta::Batch(b) = meta {
+                    entries.push(IndexEntry {
+                        channel_id: b.channel_id,
+                        base_offset: b.base_offset,
+                        segment: self.id,
+                        position,
+                        len: bytes.len() as u32,
+                        count: b.entries.len() as u32,
+                        timestamp_ms: b.timestamp_ms,
+                        bytes: b.payload_bytes(),
+                    });
+                }
+                position += bytes.len() as u64;
+            }
+        }
+        if let Err(e) = self.shared.index.insert_all(&entries) {
+            tracing::error!(error = %e, "index insert failed; the next start rebuilds it");
+        }
         {
             let mut state = self.shared.state.lock().expect("state lock");
             let mut summaries = self.shared.summaries.lock().expect("summaries lock");
             let summary = summaries.entry(self.id).or_default();
             for (records, _) in &group {
-                for (meta, bytes) in records {
+                for (meta, _) in records {
                     if let RecordMeta::Batch(b) = meta {
-                        let entry = IndexEntry {
-                            channel_id: b.channel_id,
-                            base_offset: b.base_offset,
-                            segment: self.id,
-                            position,
-                            len: bytes.len() as u32,
-                            count: b.entries.len() as u32,
-                            timestamp_ms: b.timestamp_ms,
-                            bytes: b.payload_bytes(),
-                        };
-                        if let Err(e) = self.shared.index.insert(&entry) {
-                            tracing::error!(error = %e, "index insert failed; the next start rebuilds it");
-                        }
                         summary.add(
                             b.channel_id,
                             b.base_offset,
@@ -1072,7 +1082,6 @@ impl Writer {
                     if !matches!(meta, RecordMeta::Other(Record::Snapshot(_))) {
                         state.apply(meta);
                     }
-                    position += bytes.len() as u64;
                 }
             }
             summary.size = self.len;

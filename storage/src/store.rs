@@ -248,6 +248,7 @@ impl Store {
             last_checkpoint: Instant::now(),
             since_checkpoint: 0,
             cache_dropped_to: 0,
+            synced_to: len,
             old_tail: None,
         };
         writer.checkpoint()?;
@@ -861,6 +862,8 @@ struct Writer {
     since_checkpoint: u64,
     /// The active segment's page cache is dropped below this position.
     cache_dropped_to: u64,
+    /// The active segment's length at its last fdatasync.
+    synced_to: u64,
     /// The previous segment's cached tail, `(file, from, to)`, dropped a step per sync after
     /// a roll: all at once it stalled every ack behind the roll for 8-11 ms.
     old_tail: Option<(File, u64, u64)>,
@@ -1110,16 +1113,19 @@ impl Writer {
         self.unsynced = false;
         self.sync_requested = false;
         self.sync_by = None;
-        self.drop_cache();
+        let written = self.len.saturating_sub(self.synced_to);
+        self.synced_to = self.len;
+        self.drop_cache(written);
         Ok(())
     }
 
     /// Drops clean pages of the active segment older than the cache window, in steps of at
-    /// least [`CACHE_DROP_STEP`], or first a step of the previous segment's tail. Only
-    /// advice: failures are ignored.
-    fn drop_cache(&mut self) {
+    /// least [`CACHE_DROP_STEP`], and a step of the previous segment's tail as large as what
+    /// this sync covered (so the tail goes faster than new data comes). Only advice:
+    /// failures are ignored.
+    fn drop_cache(&mut self, written: u64) {
         if let Some((file, from, to)) = &mut self.old_tail {
-            let step = (*to - *from).min(CACHE_DROP_STEP);
+            let step = (*to - *from).min(CACHE_DROP_STEP.max(written));
             let _ = rustix::fs::fadvise(
                 &*file,
                 *from,
@@ -1130,8 +1136,6 @@ impl Writer {
             if *from >= *to {
                 self.old_tail = None;
             }
-            // One step per sync.
-            return;
         }
         let window = self.shared.options.page_cache_window_bytes;
         let upto = self.len.saturating_sub(window);
@@ -1210,6 +1214,7 @@ impl Writer {
             self.old_tail = Some((old, self.cache_dropped_to, self.len));
         }
         self.cache_dropped_to = 0;
+        self.synced_to = segment::SEGMENT_HEADER_LEN;
         self.id = next;
         self.len = segment::SEGMENT_HEADER_LEN;
         self.shared.active_segment.store(next, Ordering::Release);

@@ -86,7 +86,11 @@ pub fn read_at(file: &File, position: u64, len: usize) -> std::io::Result<Bytes>
     let mut buf: Vec<u8> = Vec::with_capacity(len);
     while buf.len() < len {
         let at = position + buf.len() as u64;
-        let n = rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at)?;
+        let n = match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at) {
+            Ok(n) => n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
         if n == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }

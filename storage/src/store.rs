@@ -1042,8 +1042,9 @@ impl Writer {
         }
         self.since_checkpoint += total;
         // Durable: apply in log order, then complete.
-        // Indexed first, as one sled batch: whoever sees the state's new heads (a session
-        // opening, a consumer told by a completion) must find the batches in the index.
+        // Indexed first, outside the state lock: whoever sees the state's new heads (a
+        // session opening, a consumer told by a completion) must find the batches in the
+        // index, and publishes planning their offsets need the lock meanwhile.
         let mut position = start;
         let mut entries = Vec::new();
         for (records, _) in &group {

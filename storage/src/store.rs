@@ -92,6 +92,9 @@ struct Shared {
     poisoned: AtomicBool,
     active_segment: AtomicU64,
     corrupt_reads: AtomicU64,
+    /// Held by retention from deleting segment files until the index and the channels'
+    /// first offsets no longer point into them; a read that found a file gone waits here.
+    deleting: Mutex<()>,
 }
 
 /// The durable log.
@@ -236,6 +239,7 @@ impl Store {
             poisoned: AtomicBool::new(false),
             active_segment: AtomicU64::new(active_id),
             corrupt_reads: AtomicU64::new(0),
+            deleting: Mutex::new(()),
         });
         let mut writer = Writer {
             shared: shared.clone(),
@@ -300,6 +304,27 @@ impl Store {
     /// stopping once `max_bytes` of payload are collected (at least one message is returned
     /// when one exists). Starts at the first retained offset if `from` is below it.
     pub fn read(
+        &self,
+        channel_id: u64,
+        from: u64,
+        max_messages: usize,
+        max_bytes: u64,
+    ) -> Result<Vec<ReadMessage>, StorageError> {
+        match self.read_once(channel_id, from, max_messages, max_bytes) {
+            Err(StorageError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                // Retention deleted a segment between the index lookup and the open. Once
+                // its pass is over the index no longer points there: read again (what was
+                // deleted now reads as starting later, which the caller sees).
+                drop(self.shared.deleting.lock().expect("deleting lock"));
+                self.read_once(channel_id, from, max_messages, max_bytes)
+            }
+            other => other,
+        }
+    }
+
+    fn read_once(
         &self,
         channel_id: u64,
         from: u64,
@@ -560,6 +585,7 @@ impl Store {
             Err(_) => return Err(StorageError::Closed),
         }
         let mut touched = HashSet::new();
+        let deleting = self.shared.deleting.lock().expect("deleting lock");
         for (id, size) in &candidates {
             let path = segment::segment_path(&self.shared.log_dir, *id);
             std::fs::remove_file(&path).map_err(|e| StorageError::io("delete", &path, e))?;
@@ -596,6 +622,7 @@ impl Store {
             }
             metrics::gauge!(metric::SEGMENTS).set(summaries.len() as f64);
         }
+        drop(deleting);
         metrics::counter!(metric::SEGMENTS_DELETED).increment(report.segments_deleted as u64);
         tracing::info!(
             segments = report.segments_deleted,

@@ -879,6 +879,47 @@ impl StorageReport {
     }
 }
 
+/// The machine's CPU time counters from the first line of /proc/stat (user, nice, system,
+/// idle, iowait, irq, softirq, steal), in clock ticks.
+fn host_cpu() -> Option<[u64; 8]> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let mut out = [0u64; 8];
+    let mut fields = line.split_whitespace();
+    for slot in &mut out {
+        *slot = fields.next()?.parse().ok()?;
+    }
+    Some(out)
+}
+
+/// How the whole machine's CPU time went between two [`host_cpu`] readings: on a shared VM
+/// a slow run with much steal (time the hypervisor gave to other guests) says more about
+/// the host than about the broker.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct HostShare {
+    /// Idle or waiting for I/O, percent of all CPU time.
+    idle_percent: f64,
+    /// Stolen by the hypervisor, percent of all CPU time.
+    steal_percent: f64,
+}
+
+fn host_share(a: [u64; 8], b: [u64; 8]) -> Option<HostShare> {
+    let d: Vec<u64> = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| y.saturating_sub(*x))
+        .collect();
+    let total: u64 = d.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let percent = |ticks: u64| 100.0 * ticks as f64 / total as f64;
+    Some(HostShare {
+        idle_percent: percent(d[3] + d[4]),
+        steal_percent: percent(d[7]),
+    })
+}
+
 /// CPU seconds (user + system) used so far by process `pid` ("self" for this one), from
 /// /proc (USER_HZ is 100).
 fn cpu_seconds(pid: &str) -> Option<f64> {
@@ -1110,6 +1151,8 @@ struct Report {
     consume: Option<(ConsumeStats, f64)>,
     broker_cpu_cores: Option<f64>,
     bench_cpu_cores: Option<f64>,
+    /// The whole machine over the same span: idle and stolen time.
+    host: Option<HostShare>,
     broker_peak_rss_mb: Option<f64>,
     /// The broker's log writer while publishing (when its /metrics was reachable).
     storage: Option<StorageReport>,
@@ -1314,7 +1357,12 @@ async fn run(
     };
     let storage_start = scrape().await;
     let broker_cpu = || broker_pid.and_then(|pid| cpu_seconds(&pid.to_string()));
-    let cpu_start = (broker_cpu(), cpu_seconds("self"), Instant::now());
+    let cpu_start = (
+        broker_cpu(),
+        cpu_seconds("self"),
+        Instant::now(),
+        host_cpu(),
+    );
 
     let (progress_done, progress_done_rx) = tokio::sync::oneshot::channel();
     let progress = tokio::spawn(progress(ctx.clone(), plan.consumers > 0, progress_done_rx));
@@ -1385,7 +1433,12 @@ async fn run(
         controller.abort_all();
         return Err(e);
     }
-    let cpu_end = (broker_cpu(), cpu_seconds("self"), Instant::now());
+    let cpu_end = (
+        broker_cpu(),
+        cpu_seconds("self"),
+        Instant::now(),
+        host_cpu(),
+    );
     let storage_end = scrape().await;
     if publish.errors > 0 {
         stop_all(&progress);
@@ -1538,6 +1591,10 @@ async fn run(
         consume,
         broker_cpu_cores: cores(cpu_start.0, cpu_end.0),
         bench_cpu_cores: cores(cpu_start.1, cpu_end.1),
+        host: cpu_start
+            .3
+            .zip(cpu_end.3)
+            .and_then(|(a, b)| host_share(a, b)),
         broker_peak_rss_mb: None,
         storage: storage_start
             .zip(storage_end)
@@ -2097,6 +2154,10 @@ impl Report {
                 "cpu_cores": self.broker_cpu_cores,
             },
             "bench_cpu_cores": self.bench_cpu_cores,
+            "host": self.host.map(|h| json!({
+                "idle_percent": h.idle_percent,
+                "steal_percent": h.steal_percent,
+            })),
         });
         if let Some(st) = &self.storage {
             value["broker"]["storage"] = json!({
@@ -2231,6 +2292,12 @@ fn print_summary(plan: &Plan, report: &Report, broker: &str, probe: Option<(&Pro
     }
     if let Some(m) = report.broker_peak_rss_mb {
         machine.push(format!("broker peak RSS {m:.0} MB"));
+    }
+    if let Some(h) = report.host {
+        machine.push(format!(
+            "host idle {:.0}%, steal {:.1}%",
+            h.idle_percent, h.steal_percent
+        ));
     }
     if !machine.is_empty() {
         println!("machine      {}", machine.join(", "));
@@ -2416,6 +2483,12 @@ fn summary_rows(plan: &Plan, report: &Report, probe: Option<&Probe>) -> Vec<(Str
     if let Some(m) = report.broker_peak_rss_mb {
         rows.push(("broker peak RSS".to_owned(), format!("{m:.0} MB")));
     }
+    if let Some(h) = report.host {
+        rows.push((
+            "host CPU".to_owned(),
+            format!("idle {:.0}%, steal {:.1}%", h.idle_percent, h.steal_percent),
+        ));
+    }
     if let Some(st) = &report.storage {
         rows.push((
             "broker log".to_owned(),
@@ -2503,6 +2576,24 @@ fn config_rows(plan: &Plan, broker: &str) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_share_splits_idle_and_stolen_time() {
+        let a = [100, 0, 50, 1000, 10, 0, 5, 20];
+        // +60 user, +20 system, +15 idle, +5 iowait, +0 softirq, +20 steal: 120 ticks.
+        let b = [160, 0, 70, 1015, 15, 0, 5, 40];
+        let h = host_share(a, b).unwrap();
+        assert!(
+            (h.idle_percent - 100.0 * 20.0 / 120.0).abs() < 1e-9,
+            "{h:?}"
+        );
+        assert!(
+            (h.steal_percent - 100.0 * 20.0 / 120.0).abs() < 1e-9,
+            "{h:?}"
+        );
+        assert_eq!(host_share(a, a), None);
+        assert!(host_cpu().is_some(), "this machine has /proc/stat");
+    }
 
     #[test]
     fn a_backlog_of_few_large_messages_is_drained_only_when_read() {

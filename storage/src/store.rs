@@ -1238,7 +1238,8 @@ impl Writer {
         let file = segment::create_segment(&self.shared.log_dir, next)?;
         let old = std::mem::replace(&mut self.file, file);
         if self.len > self.cache_dropped_to {
-            // A tail still cached from an earlier roll is left to the kernel.
+            // Replaces the tail of an earlier roll if that one is not gone yet: what is left
+            // of it is left to the kernel.
             self.old_tail = Some((old, self.cache_dropped_to, self.len));
         }
         self.cache_dropped_to = 0;

@@ -743,9 +743,9 @@ fn recover(log_dir: &Path, index: &Index) -> Result<Recovered, StorageError> {
         }
         valid
     });
-    // Where replay applies records to the state from; before it, only the index and the
-    // summaries are rebuilt.
-    let (start, apply_from) = match &checkpoint {
+    // Where replay indexes from, where it adds to the segment summaries from, and where it
+    // applies records to the state from.
+    let (start, summarize_from, apply_from) = match &checkpoint {
         Some(c) => {
             state.load(&c.state);
             summaries.extend(
@@ -754,13 +754,22 @@ fn recover(log_dir: &Path, index: &Index) -> Result<Recovered, StorageError> {
                     .filter(|(id, _)| ids.contains(id))
                     .cloned(),
             );
-            ((c.segment, c.position), (c.segment, c.position))
+            (
+                c.index_from,
+                (c.segment, c.position),
+                (c.segment, c.position),
+            )
         }
         None => {
             index.clear()?;
-            ((0, 0), last_snapshot(log_dir, &ids)?.unwrap_or((0, 0)))
+            (
+                (0, 0),
+                (0, 0),
+                last_snapshot(log_dir, &ids)?.unwrap_or((0, 0)),
+            )
         }
     };
+    index.set_indexed_from(start);
     tracing::info!(
         segments = ids.len(),
         from_checkpoint = checkpoint.is_some(),
@@ -788,12 +797,14 @@ fn recover(log_dir: &Path, index: &Index) -> Result<Recovered, StorageError> {
                     timestamp_ms: b.timestamp_ms,
                     bytes: b.payload_bytes(),
                 })?;
-                summary.add(
-                    b.channel_id,
-                    b.base_offset,
-                    b.end_offset(),
-                    b.payload_bytes(),
-                );
+                if (id, position) >= summarize_from {
+                    summary.add(
+                        b.channel_id,
+                        b.base_offset,
+                        b.end_offset(),
+                        b.payload_bytes(),
+                    );
+                }
             }
             if (id, position) >= apply_from {
                 state.apply(&meta);
@@ -1211,6 +1222,7 @@ impl Writer {
             // them would hide them from the next recovery's replay.
             return Err(StorageError::Poisoned);
         }
+        let started = Instant::now();
         let state = self.shared.state.lock().expect("state lock").snapshot();
         let summaries = self
             .shared
@@ -1226,9 +1238,14 @@ impl Writer {
             position: self.len,
             state,
             summaries,
+            index_from: (0, 0),
         })?;
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
+        tracing::debug!(
+            millis = started.elapsed().as_secs_f64() * 1e3,
+            "checkpoint written"
+        );
         Ok(())
     }
 

@@ -141,6 +141,50 @@ fn restart_keeps_every_acked_message_and_producer_state() {
 }
 
 #[test]
+fn batches_in_open_index_chunks_are_found_after_every_restart() {
+    // One-message batches on many channels leave most index entries in memory-only open
+    // chunks; checkpoints (a small `checkpoint_bytes`, and one at every close) copy only the
+    // old ones, and recovery indexes the rest again. Every batch must be found after each
+    // restart, whatever chunk it was in.
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions {
+        checkpoint_bytes: 8 * 1024,
+        ..opts()
+    };
+    let channels = 7u64;
+    let mut sent = 0u64;
+    for round in 0..4u64 {
+        let store = Store::open(dir.path(), options.clone()).unwrap();
+        if round == 0 {
+            for c in 0..channels {
+                create(&store, &format!("c{c}"));
+            }
+        }
+        for _ in 0..(50 + round * 13) {
+            let c = sent % channels;
+            let seq = sent / channels + 1;
+            publish(&store, c, "p", seq, &[format!("{c}/{seq}").as_bytes()]);
+            sent += 1;
+        }
+        drop(store);
+        let store = Store::open(dir.path(), options.clone()).unwrap();
+        for c in 0..channels {
+            let messages = payloads_of(&store, c);
+            let expected = sent / channels + u64::from(c < sent % channels);
+            assert_eq!(
+                messages.len() as u64,
+                expected,
+                "round {round}, channel {c}"
+            );
+            for (i, (offset, payload)) in messages.iter().enumerate() {
+                assert_eq!(*offset, i as u64);
+                assert_eq!(payload, format!("{c}/{}", i + 1).as_bytes());
+            }
+        }
+    }
+}
+
+#[test]
 fn deleting_the_index_rebuilds_it_from_the_segments() {
     let dir = tempfile::tempdir().unwrap();
     let before = {

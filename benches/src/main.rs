@@ -35,7 +35,8 @@ use bytes::{Bytes, BytesMut};
 use clap::Parser;
 use directmq_benches::wan::{self, Impairment, Proxy};
 use directmq_client::{
-    Client, ClientConfig, Consumer, PendingAck, Producer, ProducerOptions, StartPosition,
+    Client, ClientConfig, Consumer, MultiProducer, PendingAck, Producer, ProducerOptions,
+    StartPosition,
 };
 use directmq_protocol::ErrorCode;
 use hdrhistogram::Histogram;
@@ -132,6 +133,12 @@ struct Args {
     /// ProducerOptions.max_batch_messages) [default: the client's, 2048].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     batch: Option<u32>,
+    /// How a producer publishes to its channels: `per-channel` (a publish stream per
+    /// channel, a Producer each) or `shared` (one multi-channel stream, a MultiProducer,
+    /// whose frames carry batches for many channels). `auto`: shared when a producer has
+    /// more than 16 channels.
+    #[arg(long, value_enum, default_value_t = Streams::Auto)]
+    streams: Streams,
     /// When the broker acknowledges: `fsync` (after the data is fdatasync'd) or `interval`
     /// (before; synced on a timer). Sets DIRECTMQ_DURABILITY for the broker this tool starts;
     /// with --broker it is only recorded in the JSON `config` (the running broker's own
@@ -226,6 +233,17 @@ struct BacklogPlan {
 }
 
 /// The run as it will be done: flags and workload file resolved.
+/// How producers publish (`--streams`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Streams {
+    Auto,
+    PerChannel,
+    Shared,
+}
+
+/// Channels per producer above which `--streams auto` shares one stream.
+const SHARED_ABOVE_CHANNELS: u32 = 16;
+
 struct Plan {
     producers: u32,
     channels: u32,
@@ -237,6 +255,8 @@ struct Plan {
     rate: f64,
     in_flight: usize,
     batch: Option<u32>,
+    /// One multi-channel stream per producer instead of a stream per channel.
+    shared: bool,
     idle_commit: bool,
     timeout: f64,
     /// What the child broker is told, or what was asked of a running one.
@@ -360,6 +380,11 @@ impl Plan {
             rate,
             in_flight,
             batch: args.batch,
+            shared: match args.streams {
+                Streams::Shared => true,
+                Streams::PerChannel => false,
+                Streams::Auto => channels.div_ceil(producers.max(1)) > SHARED_ABOVE_CHANNELS,
+            },
             idle_commit: !args.no_idle_commit,
             timeout: args.timeout,
             durability,
@@ -411,6 +436,7 @@ impl Plan {
             "rate": self.rate,
             "in_flight": self.in_flight,
             "batch_max_messages": self.producer_options().max_batch_messages,
+            "streams": if self.shared { "shared" } else { "per-channel" },
             "idle_commit": self.idle_commit,
             "broker": broker,
             "durability": self.durability_label(),
@@ -1248,6 +1274,37 @@ async fn run(
     let mut producer_sets = Vec::new();
     for p in 0..producers {
         let client = connect(target, &format!("p{p}")).await?;
+        if plan.shared {
+            // Created up front, so consumers can subscribe before the first message.
+            let mut creating = JoinSet::new();
+            for ch in channels_of(p, producers, channels) {
+                let control = control.clone();
+                let names = names.clone();
+                creating.spawn(async move {
+                    match control.create_channel(&names[ch]).await {
+                        Err(e) if e.code() != Some(ErrorCode::CHANNEL_EXISTS) => Err(e)
+                            .with_context(|| format!("could not create channel {}", names[ch])),
+                        _ => Ok(()),
+                    }
+                });
+            }
+            while let Some(joined) = creating.join_next().await {
+                joined.context("a channel set-up task panicked")??;
+            }
+            let multi = client
+                .multi_producer(&format!("p{p}"), options.clone())
+                .await
+                .with_context(|| format!("producer p{p} could not open its shared stream"))?;
+            let mut chans = Vec::new();
+            for ch in channels_of(p, producers, channels) {
+                multi.open_channel(&names[ch]).await.with_context(|| {
+                    format!("producer p{p} could not open channel {}", names[ch])
+                })?;
+                chans.push(ch);
+            }
+            producer_sets.push((client, Publisher::Shared(multi, chans)));
+            continue;
+        }
         let mut opening = JoinSet::new();
         for ch in channels_of(p, producers, channels) {
             let client = client.clone();
@@ -1268,7 +1325,7 @@ async fn run(
             handles.push((ch, producer));
         }
         handles.sort_by_key(|(ch, _)| *ch);
-        producer_sets.push((client, handles));
+        producer_sets.push((client, Publisher::PerChannel(handles)));
     }
     let mut consumer_sessions = Vec::new();
     for c in 0..plan.consumers as usize {
@@ -1399,7 +1456,7 @@ async fn run(
     }
     let mut publishing = JoinSet::new();
     for (p, (client, handles)) in producer_sets.into_iter().enumerate() {
-        publishing.spawn(produce(p, client, handles, ctx.clone()));
+        publishing.spawn(produce(p, client, handles, names.clone(), ctx.clone()));
     }
 
     let mut publish = PublishStats::new();
@@ -1700,7 +1757,45 @@ async fn catch_up(
 }
 
 /// A message waiting for its ack.
+/// What one producer publishes with (`--streams`).
+enum Publisher {
+    /// A Producer (publish stream) per channel.
+    PerChannel(Vec<(usize, Producer)>),
+    /// One multi-channel stream for all of the producer's channels.
+    Shared(MultiProducer, Vec<usize>),
+}
+
+impl Publisher {
+    fn len(&self) -> usize {
+        match self {
+            Publisher::PerChannel(handles) => handles.len(),
+            Publisher::Shared(_, channels) => channels.len(),
+        }
+    }
+
+    fn channel(&self, k: usize) -> usize {
+        match self {
+            Publisher::PerChannel(handles) => handles[k].0,
+            Publisher::Shared(_, channels) => channels[k],
+        }
+    }
+
+    async fn enqueue(
+        &self,
+        k: usize,
+        names: &[String],
+        payload: bytes::Bytes,
+    ) -> Result<PendingAck, directmq_client::Error> {
+        match self {
+            Publisher::PerChannel(handles) => handles[k].1.enqueue(payload).await,
+            Publisher::Shared(multi, channels) => multi.enqueue(&names[channels[k]], payload).await,
+        }
+    }
+}
+
 struct Pending {
+    /// The channel's index.
+    ch: usize,
     /// When it was sent (scheduled send time with --rate).
     sent: Instant,
     ack: PendingAck,
@@ -1757,16 +1852,22 @@ impl Payloads {
 async fn produce(
     p: usize,
     client: Client,
-    handles: Vec<(usize, Producer)>,
+    handles: Publisher,
+    names: Arc<Vec<String>>,
     ctx: Arc<Ctx>,
 ) -> Result<PublishStats> {
     let permits = Arc::new(Semaphore::new(ctx.in_flight));
     let mut senders = Vec::new();
     let mut collectors = Vec::new();
-    for (ch, _) in &handles {
+    // Acks come in order per stream: a collector per stream awaits them in that order.
+    let streams = match &handles {
+        Publisher::PerChannel(h) => h.len(),
+        Publisher::Shared(..) => 1,
+    };
+    for _ in 0..streams {
         let (tx, rx) = mpsc::unbounded_channel();
         senders.push(tx);
-        collectors.push(tokio::spawn(collect_acks(rx, *ch, ctx.clone())));
+        collectors.push(tokio::spawn(collect_acks(rx, ctx.clone())));
     }
     let mut stats = PublishStats::new();
     let mut payloads = Payloads::new(ctx.payload.clone(), ctx.message_size, p as u64 + 1);
@@ -1820,15 +1921,23 @@ async fn produce(
             now
         };
         let k = (i % handles.len() as u64) as usize;
-        let (ch, producer) = &handles[k];
-        let ack = producer
-            .enqueue(payloads.next(ctx.clock.epoch_us(sent)))
+        let ch = handles.channel(k);
+        let ack = handles
+            .enqueue(k, &names, payloads.next(ctx.clock.epoch_us(sent)))
             .await
             .with_context(|| format!("producer p{p} could not publish to channel #{ch}"))?;
         if ctx.interval_s.is_some() && sent >= ctx.clock.warmup_end {
             schedule_lag.saturating_record(micros(now.saturating_duration_since(scheduled)));
         }
-        if senders[k].send(Pending { sent, ack, permit }).is_err() {
+        if senders[k % streams]
+            .send(Pending {
+                ch,
+                sent,
+                ack,
+                permit,
+            })
+            .is_err()
+        {
             bail!("producer p{p}: the ack collector stopped");
         }
         ctx.counters.sent.fetch_add(1, Ordering::Relaxed);
@@ -1860,11 +1969,16 @@ async fn produce(
 /// Awaits the acks of one producer handle in order and records their latency.
 async fn collect_acks(
     mut pending: mpsc::UnboundedReceiver<Pending>,
-    ch: usize,
     ctx: Arc<Ctx>,
 ) -> PublishStats {
     let mut stats = PublishStats::new();
-    while let Some(Pending { sent, ack, permit }) = pending.recv().await {
+    while let Some(Pending {
+        ch,
+        sent,
+        ack,
+        permit,
+    }) = pending.recv().await
+    {
         let result = ack.await;
         let now = Instant::now();
         drop(permit);
@@ -2215,13 +2329,14 @@ fn print_summary(plan: &Plan, report: &Report, broker: &str, probe: Option<(&Pro
         "max rate".to_owned()
     };
     println!(
-        "directmq-bench: {} producer(s), {} channel(s), {} consumer(s), {} B messages, {rate}, {length} after a {} s warm-up; batch ≤ {} msgs; durability {}; broker {broker}",
+        "directmq-bench: {} producer(s), {} channel(s), {} consumer(s), {} B messages, {rate}, {length} after a {} s warm-up; batch ≤ {} msgs; {} streams; durability {}; broker {broker}",
         plan.producers,
         plan.channels,
         plan.consumers,
         plan.message_size,
         plan.warmup,
         plan.producer_options().max_batch_messages,
+        if plan.shared { "shared" } else { "per-channel" },
         plan.durability_label(),
     );
     if let Some(m) = &plan.workload {

@@ -608,6 +608,9 @@ impl Broker {
         };
         match first {
             Frame::OpenPublish(open) => self.publish(identity, open, writer, reader).await,
+            Frame::OpenPublishMulti(open) => {
+                self.publish_multi(identity, open, writer, reader).await
+            }
             Frame::Subscribe(sub) => self.consume(identity, sub, writer, reader).await,
             Frame::Watch(w) => self.watch(identity, w.prefix, writer, reader).await,
             other => {
@@ -615,7 +618,7 @@ impl Broker {
                     .fail(
                         ErrorCode::UNEXPECTED_FRAME,
                         format!(
-                            "a stream must start with OpenPublish, Subscribe or Watch, not {}",
+                            "a stream must start with OpenPublish, OpenPublishMulti, Subscribe or Watch, not {}",
                             other.name()
                         ),
                     )
@@ -1460,6 +1463,196 @@ impl Broker {
         let _ = acker.await;
     }
 
+    /// A publish stream for many channels (§4.2.1): each frame carries batches for several
+    /// channels and gets one ack once all of them are durable. Every check that can refuse
+    /// a part (names, rights, sizes, sequences) runs before any part is appended, so a
+    /// refused frame appended nothing; a storage failure after some parts were queued is
+    /// retryable, and the resent frame gets their original offsets as duplicates.
+    async fn publish_multi(
+        self: Arc<Self>,
+        identity: Arc<Principal>,
+        open: proto::OpenPublishMulti,
+        mut writer: FrameWriter,
+        mut reader: FrameReader,
+    ) {
+        if let Err(e) = proto::validate_identifier(&open.producer_id) {
+            metrics::counter!(m::REFUSED, "op" => "publish", "code" => ErrorCode::INVALID_NAME.name())
+                .increment(1);
+            writer
+                .fail(
+                    ErrorCode::INVALID_NAME,
+                    format!("invalid producer id {:?}: {e}", open.producer_id),
+                )
+                .await;
+            reader.stop(0);
+            return;
+        }
+        let epoch = self.store.with_state(|s| s.epoch());
+        let reply = Frame::PublishOpened(proto::PublishOpened {
+            last_sequence: None,
+        });
+        if writer.write(&reply).await.is_err() {
+            return;
+        }
+        let (acks, pending) = mpsc::channel::<Box<Ack>>(ACKS_IN_FLIGHT);
+        let acker = tokio::spawn(write_acks(writer, pending).in_current_span());
+        let mut resolved: HashMap<String, Resolved> = HashMap::new();
+        let mut shutdown = self.shutdown.subscribe();
+        loop {
+            let frame = tokio::select! {
+                f = reader.next() => f,
+                _ = shutdown.changed() => {
+                    let _ = acks.send(Box::new(Ack::Refused(0, Refusal::new(ErrorCode::SHUTTING_DOWN, "the broker is shutting down; retry")))).await;
+                    break;
+                }
+            };
+            let batch = match frame {
+                Ok(Some(Frame::PublishMulti(batch))) => batch,
+                Ok(None) => break,
+                Ok(Some(other)) => {
+                    let r = Refusal::new(
+                        ErrorCode::UNEXPECTED_FRAME,
+                        format!("expected PublishMulti, got {}", other.name()),
+                    );
+                    let _ = acks.send(Box::new(Ack::Refused(0, r))).await;
+                    break;
+                }
+                Err(StreamError::Decode(e)) => {
+                    metrics::counter!(m::PROTOCOL_ERRORS, "code" => e.code().name()).increment(1);
+                    let r = Refusal::new(e.code(), e.to_string());
+                    let _ = acks.send(Box::new(Ack::Refused(0, r))).await;
+                    break;
+                }
+                Err(e @ StreamError::SlowFrame(_)) => {
+                    metrics::counter!(m::PROTOCOL_ERRORS, "code" => "FRAME_TIMEOUT").increment(1);
+                    let r = Refusal::new(ErrorCode::FRAME_TIMEOUT, e.to_string());
+                    let _ = acks.send(Box::new(Ack::Refused(0, r))).await;
+                    break;
+                }
+                Err(_) => break,
+            };
+            let batch_id = batch.batch_id;
+            match self
+                .plan_multi(&identity, &open, epoch, batch, &mut resolved)
+                .await
+            {
+                Ok(ack) => {
+                    if acks.send(Box::new(ack)).await.is_err() {
+                        break;
+                    }
+                }
+                Err(r) => {
+                    metrics::counter!(m::REFUSED, "op" => "publish", "code" => r.code.name())
+                        .increment(1);
+                    let _ = acks.send(Box::new(Ack::Refused(batch_id, r))).await;
+                    break;
+                }
+            }
+        }
+        drop(acks);
+        reader.stop(0);
+        let _ = acker.await;
+    }
+
+    async fn plan_multi(
+        &self,
+        identity: &Principal,
+        open: &proto::OpenPublishMulti,
+        epoch: u64,
+        batch: proto::PublishMulti,
+        resolved: &mut HashMap<String, Resolved>,
+    ) -> Result<Ack, Refusal> {
+        let received = Instant::now();
+        for part in &batch.parts {
+            if !resolved.contains_key(&part.channel) {
+                let single = proto::OpenPublish {
+                    channel: part.channel.clone(),
+                    producer_id: open.producer_id.clone(),
+                    create: open.create,
+                };
+                let (id, _, channel_epoch) = self.open_publish(identity, &single).await?;
+                if channel_epoch != epoch {
+                    return Err(Refusal::new(
+                        ErrorCode::STORAGE_ERROR,
+                        "a write failed on the broker; reopen the stream and resend unacknowledged batches",
+                    ));
+                }
+                resolved.insert(
+                    part.channel.clone(),
+                    Resolved {
+                        id,
+                        heads: self.head_sender(id),
+                        settings: self.config.channel_settings(&part.channel),
+                    },
+                );
+            }
+            // Rights are read at every batch: one removed by an ACL reload applies now.
+            self.authorize(identity, Right::Publish, &part.channel)?;
+            let max = resolved[&part.channel].settings.max_message_bytes;
+            if let Some((i, m)) = part
+                .messages
+                .iter()
+                .enumerate()
+                .find(|(_, m)| m.payload.len() as u64 > max)
+            {
+                return Err(Refusal::new(
+                    ErrorCode::MESSAGE_TOO_LARGE,
+                    format!(
+                        "message {i} for channel {:?} has {} bytes; max_message_bytes is {max}",
+                        part.channel,
+                        m.payload.len()
+                    ),
+                ));
+            }
+            if part
+                .messages
+                .windows(2)
+                .any(|w| w[1].sequence <= w[0].sequence)
+            {
+                return Err(Refusal::new(
+                    ErrorCode::INVALID_SEQUENCE,
+                    format!(
+                        "the sequences for channel {:?} do not strictly increase",
+                        part.channel
+                    ),
+                ));
+            }
+        }
+        let mut parts = Vec::with_capacity(batch.parts.len());
+        for part in batch.parts {
+            let r = &resolved[&part.channel];
+            let single = proto::PublishBatch {
+                batch_id: batch.batch_id,
+                messages: part.messages,
+            };
+            match self
+                .plan_batch(r.id, &open.producer_id, epoch, single, &r.heads, r.settings)
+                .await?
+            {
+                Ack::Pending { ack, durable, .. } => parts.push((
+                    proto::PartAck {
+                        first_offset: ack.first_offset,
+                        appended: ack.appended,
+                        duplicates: ack.duplicates,
+                    },
+                    durable,
+                )),
+                Ack::Refused(_, r) => return Err(r),
+                Ack::Multi { .. } => {
+                    return Err(Refusal::new(
+                        ErrorCode::INTERNAL,
+                        "a batch was planned as several",
+                    ))
+                }
+            }
+        }
+        Ok(Ack::Multi {
+            batch_id: batch.batch_id,
+            parts,
+            received,
+        })
+    }
+
     async fn open_publish(
         &self,
         identity: &Principal,
@@ -2096,6 +2289,46 @@ enum Ack {
         received: Instant,
     },
     Refused(u64, Refusal),
+    /// A [`proto::PublishMulti`]: acked once every part is durable.
+    Multi {
+        batch_id: u64,
+        parts: Vec<(proto::PartAck, Durable)>,
+        received: Instant,
+    },
+}
+
+type Durable = oneshot::Receiver<Result<(), Arc<StorageError>>>;
+
+/// A channel a multi-channel publish stream has resolved once.
+struct Resolved {
+    id: u64,
+    heads: watch::Sender<u64>,
+    settings: ChannelSettings,
+}
+
+/// The error frame for a batch whose append failed in storage.
+fn storage_failure(batch_id: u64, e: &StorageError) -> Frame {
+    let (code, message) = if e.is_full() {
+        (
+            ErrorCode::STORAGE_FULL,
+            "the broker's storage is full; nothing was stored, retry later".to_owned(),
+        )
+    } else if matches!(*e, StorageError::Closed) {
+        (
+            ErrorCode::SHUTTING_DOWN,
+            "the broker is shutting down; retry".to_owned(),
+        )
+    } else {
+        (
+            ErrorCode::STORAGE_ERROR,
+            format!("the broker could not store the batch: {e}"),
+        )
+    };
+    Frame::Error(proto::ErrorFrame {
+        request_id: batch_id,
+        code,
+        message,
+    })
 }
 
 /// Writes acks in batch order, each once its batch is durable. After the first failure the
@@ -2113,36 +2346,35 @@ async fn write_acks(mut writer: FrameWriter, mut pending: mpsc::Receiver<Box<Ack
                     Frame::PublishAck(ack)
                 }
                 Ok(Err(e)) => {
-                    let (code, message) = if e.is_full() {
-                        (
-                            ErrorCode::STORAGE_FULL,
-                            "the broker's storage is full; nothing was stored, retry later"
-                                .to_owned(),
-                        )
-                    } else if matches!(*e, StorageError::Closed) {
-                        (
-                            ErrorCode::SHUTTING_DOWN,
-                            "the broker is shutting down; retry".to_owned(),
-                        )
-                    } else {
-                        (
-                            ErrorCode::STORAGE_ERROR,
-                            format!("the broker could not store the batch: {e}"),
-                        )
-                    };
-                    writer
-                        .write(&Frame::Error(proto::ErrorFrame {
-                            request_id: ack.batch_id,
-                            code,
-                            message,
-                        }))
-                        .await
-                        .ok();
+                    writer.write(&storage_failure(ack.batch_id, &e)).await.ok();
                     writer.finish();
                     return;
                 }
                 Err(_) => return,
             },
+            Ack::Multi {
+                batch_id,
+                parts,
+                received,
+            } => {
+                let mut acks = Vec::with_capacity(parts.len());
+                for (ack, durable) in parts {
+                    match durable.await {
+                        Ok(Ok(())) => acks.push(ack),
+                        Ok(Err(e)) => {
+                            writer.write(&storage_failure(batch_id, &e)).await.ok();
+                            writer.finish();
+                            return;
+                        }
+                        Err(_) => return,
+                    }
+                }
+                metrics::histogram!(m::ACK_SECONDS).record(received.elapsed().as_secs_f64());
+                Frame::PublishMultiAck(proto::PublishMultiAck {
+                    batch_id,
+                    parts: acks,
+                })
+            }
             Ack::Refused(batch_id, r) => {
                 writer
                     .write(&Frame::Error(proto::ErrorFrame {

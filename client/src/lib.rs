@@ -48,7 +48,7 @@ pub use consumer::{Consumer, Message};
 pub use directmq_protocol::{
     ChannelInfo, ChannelStatus, ConsumerStatus, StartPosition, TokenIssued,
 };
-pub use producer::{PendingAck, Producer, ProducerOptions, Receipt};
+pub use producer::{MultiProducer, PendingAck, Producer, ProducerOptions, Receipt};
 pub use watch::{ChannelChange, Watcher};
 pub use wire::{FrameReader, FrameWriter, StreamError};
 
@@ -510,6 +510,16 @@ impl Client {
         options: ProducerOptions,
     ) -> Result<Producer, Error> {
         Producer::open(self.clone(), channel, producer_id, options).await
+    }
+
+    /// A producer for many channels over one stream, as `producer_id` (see
+    /// [`MultiProducer`]).
+    pub async fn multi_producer(
+        &self,
+        producer_id: &str,
+        options: ProducerOptions,
+    ) -> Result<MultiProducer, Error> {
+        MultiProducer::open(self.clone(), producer_id, options).await
     }
 
     /// A session of the durable consumer `name` on `channel`. `start` applies only if the

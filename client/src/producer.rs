@@ -1,8 +1,9 @@
 //! The producer: pipelined, batched publishing with sequence numbers that make retries safe.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -75,8 +76,16 @@ impl Future for PendingAck {
 type Waiter = oneshot::Sender<Result<Receipt, Error>>;
 
 enum Cmd {
-    Publish(PublishMessage, Waiter),
+    /// A message, for the stream's channel or (on a multi-channel stream) the one named.
+    Publish(Option<Arc<str>>, PublishMessage, Waiter),
     Flush(oneshot::Sender<()>),
+}
+
+/// What a publish stream is opened for.
+#[derive(Clone)]
+enum Mode {
+    Single(proto::OpenPublish),
+    Multi(proto::OpenPublishMulti),
 }
 
 /// Publishes to one channel as one producer id. Messages are sent at once, batched while
@@ -97,29 +106,14 @@ impl Producer {
         producer_id: &str,
         options: ProducerOptions,
     ) -> Result<Producer, Error> {
-        let open = proto::OpenPublish {
+        let open = Mode::Single(proto::OpenPublish {
             channel: channel.to_owned(),
             producer_id: producer_id.to_owned(),
             create: options.create_channel,
-        };
-        let stream = open_stream(&client, &open).await?;
-        let last = stream.last_sequence;
-        let max_message_bytes = stream.max_message_bytes;
-        let (tx, rx) = mpsc::channel(4096);
-        let task = Task {
-            client,
-            open,
-            options,
-            rx,
-            stream: Some(stream),
-            queued: VecDeque::new(),
-            in_flight: VecDeque::new(),
-            in_flight_bytes: 0,
-            next_batch_id: 1,
-            flushes: Vec::new(),
-            full_since: None,
-        };
-        tokio::spawn(task.run());
+        });
+        let (tx, stream) = Task::spawn(client, open, options).await?;
+        let last = stream.0;
+        let max_message_bytes = stream.1;
         Ok(Producer {
             tx,
             next_sequence: Mutex::new(last.map_or(0, |s| s + 1)),
@@ -183,7 +177,160 @@ impl Producer {
             payload,
         };
         self.tx
-            .send(Cmd::Publish(message, waiter))
+            .send(Cmd::Publish(None, message, waiter))
+            .await
+            .map_err(|_| Error::Closed)?;
+        Ok(PendingAck(ack))
+    }
+
+    /// Waits until every message queued so far is acknowledged (or failed).
+    pub async fn flush(&self) -> Result<(), Error> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Flush(tx))
+            .await
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)
+    }
+}
+
+/// Publishes to many channels as one producer id over one stream: each frame carries the
+/// batches of every channel with queued messages and gets one ack, so a producer agent
+/// for thousands of shards pays per frame what it would pay for one channel (§4.2.1 of
+/// docs/protocol.md). Per channel, messages keep their order and have their own sequence
+/// numbers; after a reconnect unacknowledged frames are resent and the broker appends
+/// each sequence once, as for a [`Producer`]. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct MultiProducer {
+    client: Client,
+    producer_id: String,
+    tx: mpsc::Sender<Cmd>,
+    /// Per registered channel, the next sequence.
+    next: Mutex<HashMap<Arc<str>, u64>>,
+    max_message_bytes: u64,
+}
+
+impl MultiProducer {
+    pub(crate) async fn open(
+        client: Client,
+        producer_id: &str,
+        options: ProducerOptions,
+    ) -> Result<MultiProducer, Error> {
+        proto::validate_identifier(producer_id).map_err(|e| Error::Broker {
+            code: ErrorCode::INVALID_NAME,
+            message: format!("invalid producer id {producer_id:?}: {e}"),
+        })?;
+        let open = Mode::Multi(proto::OpenPublishMulti {
+            producer_id: producer_id.to_owned(),
+            create: options.create_channel,
+        });
+        let (tx, (_, max_message_bytes)) = Task::spawn(client.clone(), open, options).await?;
+        Ok(MultiProducer {
+            client,
+            producer_id: producer_id.to_owned(),
+            tx,
+            next: Mutex::new(HashMap::new()),
+            max_message_bytes,
+        })
+    }
+
+    /// Registers `channel` and answers the last sequence the broker appended for this
+    /// producer on it (`None` for a new channel): an agent resumes its source log after it.
+    /// The first message for a channel registers it too. A name the broker would refuse,
+    /// or a channel this identity may not publish to, fails here, before it can hold up
+    /// the messages for other channels sharing a frame with it.
+    pub async fn open_channel(&self, channel: &str) -> Result<Option<u64>, Error> {
+        let mut next = self.next.lock().await;
+        self.register(&mut next, channel)
+            .await
+            .map(|(_, last)| last)
+    }
+
+    async fn register(
+        &self,
+        next: &mut HashMap<Arc<str>, u64>,
+        channel: &str,
+    ) -> Result<(Arc<str>, Option<u64>), Error> {
+        if let Some((name, seq)) = next.get_key_value(channel) {
+            return Ok((name.clone(), seq.checked_sub(1)));
+        }
+        proto::validate_channel_name(channel).map_err(|e| Error::Broker {
+            code: ErrorCode::INVALID_CHANNEL_NAME,
+            message: format!("invalid channel name {channel:?}: {e}"),
+        })?;
+        let last = match self.client.last_sequence(channel, &self.producer_id).await {
+            Ok(last) => last,
+            // Created by its first message (unless creation is off: then that fails).
+            Err(e) if e.code() == Some(ErrorCode::CHANNEL_NOT_FOUND) => None,
+            Err(e) => return Err(e),
+        };
+        let name: Arc<str> = Arc::from(channel);
+        next.insert(name.clone(), last.map_or(0, |s| s + 1));
+        Ok((name, last))
+    }
+
+    /// Publishes to `channel` and waits until the message is durable.
+    pub async fn send(&self, channel: &str, payload: impl Into<Bytes>) -> Result<Receipt, Error> {
+        self.enqueue(channel, payload).await?.await
+    }
+
+    /// Queues a message for `channel` with its next sequence number and returns its
+    /// pending ack.
+    pub async fn enqueue(
+        &self,
+        channel: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<PendingAck, Error> {
+        let mut next = self.next.lock().await;
+        let (name, _) = self.register(&mut next, channel).await?;
+        let sequence = next[&name];
+        let ack = self
+            .push(name.clone(), sequence, Vec::new(), payload.into())
+            .await?;
+        next.insert(name, sequence + 1);
+        Ok(ack)
+    }
+
+    /// Queues a message for `channel` with an explicit sequence; as
+    /// [`Producer::enqueue_with`].
+    pub async fn enqueue_with(
+        &self,
+        channel: &str,
+        sequence: u64,
+        headers: Headers,
+        payload: impl Into<Bytes>,
+    ) -> Result<PendingAck, Error> {
+        let mut next = self.next.lock().await;
+        let (name, _) = self.register(&mut next, channel).await?;
+        let ack = self
+            .push(name.clone(), sequence, headers, payload.into())
+            .await?;
+        let after = next[&name].max(sequence + 1);
+        next.insert(name, after);
+        Ok(ack)
+    }
+
+    async fn push(
+        &self,
+        channel: Arc<str>,
+        sequence: u64,
+        headers: Headers,
+        payload: Bytes,
+    ) -> Result<PendingAck, Error> {
+        if payload.len() as u64 > self.max_message_bytes {
+            return Err(Error::MessageTooLarge {
+                size: payload.len() as u64,
+                max: self.max_message_bytes,
+            });
+        }
+        let (waiter, ack) = oneshot::channel();
+        let message = PublishMessage {
+            sequence,
+            headers,
+            payload,
+        };
+        self.tx
+            .send(Cmd::Publish(Some(channel), message, waiter))
             .await
             .map_err(|_| Error::Closed)?;
         Ok(PendingAck(ack))
@@ -207,8 +354,11 @@ struct Stream {
     max_message_bytes: u64,
 }
 
-async fn open_stream(client: &Client, open: &proto::OpenPublish) -> Result<Stream, Error> {
-    let first = Frame::OpenPublish(open.clone());
+async fn open_stream(client: &Client, open: &Mode) -> Result<Stream, Error> {
+    let first = match open {
+        Mode::Single(open) => Frame::OpenPublish(open.clone()),
+        Mode::Multi(open) => Frame::OpenPublishMulti(open.clone()),
+    };
     let (writer, reader, answer, max_message_bytes) =
         stream::open(client, first, "publish").await?;
     let Frame::PublishOpened(opened) = answer else {
@@ -225,19 +375,26 @@ async fn open_stream(client: &Client, open: &proto::OpenPublish) -> Result<Strea
     })
 }
 
+/// A frame part being built: the channel (none on a single-channel stream), its messages
+/// and their waiters.
+type Part = (Option<Arc<str>>, Vec<PublishMessage>, Vec<Waiter>);
+
 struct InFlight {
-    batch: proto::PublishBatch,
-    waiters: Vec<Waiter>,
+    /// A `PublishBatch`, or a `PublishMulti` on a multi-channel stream.
+    frame: Frame,
+    batch_id: u64,
+    /// Per part of the frame (one for a `PublishBatch`), in message order.
+    waiters: Vec<Vec<Waiter>>,
     bytes: usize,
 }
 
 struct Task {
     client: Client,
-    open: proto::OpenPublish,
+    open: Mode,
     options: ProducerOptions,
     rx: mpsc::Receiver<Cmd>,
     stream: Option<Stream>,
-    queued: VecDeque<(PublishMessage, Waiter)>,
+    queued: VecDeque<(Option<Arc<str>>, PublishMessage, Waiter)>,
     in_flight: VecDeque<InFlight>,
     in_flight_bytes: usize,
     next_batch_id: u64,
@@ -255,6 +412,33 @@ fn retryable(code: ErrorCode) -> bool {
 }
 
 impl Task {
+    /// Opens the stream and starts the task; answers the opened stream's last sequence
+    /// and largest message.
+    async fn spawn(
+        client: Client,
+        open: Mode,
+        options: ProducerOptions,
+    ) -> Result<(mpsc::Sender<Cmd>, (Option<u64>, u64)), Error> {
+        let stream = open_stream(&client, &open).await?;
+        let opened = (stream.last_sequence, stream.max_message_bytes);
+        let (tx, rx) = mpsc::channel(4096);
+        let task = Task {
+            client,
+            open,
+            options,
+            rx,
+            stream: Some(stream),
+            queued: VecDeque::new(),
+            in_flight: VecDeque::new(),
+            in_flight_bytes: 0,
+            next_batch_id: 1,
+            flushes: Vec::new(),
+            full_since: None,
+        };
+        tokio::spawn(task.run());
+        Ok((tx, opened))
+    }
+
     async fn run(mut self) {
         let mut closing = false;
         let mut backoff = Duration::from_millis(20);
@@ -329,7 +513,9 @@ impl Task {
 
     fn take(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Publish(message, waiter) => self.queued.push_back((message, waiter)),
+            Cmd::Publish(channel, message, waiter) => {
+                self.queued.push_back((channel, message, waiter))
+            }
             Cmd::Flush(done) => self.flushes.push(done),
         }
     }
@@ -347,10 +533,7 @@ impl Task {
         // Resend, in order, everything not acknowledged: the broker answers the batches it
         // already appended with their original offsets and appends the rest.
         for in_flight in &self.in_flight {
-            stream
-                .writer
-                .write(&Frame::PublishBatch(in_flight.batch.clone()))
-                .await?;
+            stream.writer.write(&in_flight.frame).await?;
         }
         self.stream = Some(stream);
         Ok(())
@@ -361,38 +544,68 @@ impl Task {
             && self.in_flight.len() < self.options.max_in_flight_batches
             && self.in_flight_bytes < self.options.max_in_flight_bytes
         {
-            let mut messages = Vec::new();
-            let mut waiters = Vec::new();
+            // Parts by channel, in first-message order; a single-channel stream has one.
+            let mut parts: Vec<Part> = Vec::new();
+            let mut part_of: HashMap<Arc<str>, usize> = HashMap::new();
+            let mut count = 0usize;
             let mut bytes = 0usize;
-            while let Some((message, _)) = self.queued.front() {
+            while let Some((_, message, _)) = self.queued.front() {
                 let size = message.payload.len();
-                if !messages.is_empty()
-                    && (messages.len() >= self.options.max_batch_messages
+                if count > 0
+                    && (count >= self.options.max_batch_messages
                         || bytes + size > self.options.max_batch_bytes)
                 {
                     break;
                 }
-                let (message, waiter) = self.queued.pop_front().expect("front exists");
+                let (channel, message, waiter) = self.queued.pop_front().expect("front exists");
                 bytes += size;
-                messages.push(message);
-                waiters.push(waiter);
+                count += 1;
+                let index = match &channel {
+                    Some(name) => *part_of.entry(name.clone()).or_insert_with(|| {
+                        parts.push((Some(name.clone()), Vec::new(), Vec::new()));
+                        parts.len() - 1
+                    }),
+                    None => {
+                        if parts.is_empty() {
+                            parts.push((None, Vec::new(), Vec::new()));
+                        }
+                        0
+                    }
+                };
+                parts[index].1.push(message);
+                parts[index].2.push(waiter);
             }
-            let batch = proto::PublishBatch {
-                batch_id: self.next_batch_id,
-                messages,
-            };
+            let batch_id = self.next_batch_id;
             self.next_batch_id += 1;
-            let frame = Frame::PublishBatch(batch);
+            let mut waiters = Vec::with_capacity(parts.len());
+            let frame = match self.open {
+                Mode::Single(_) => {
+                    let (_, messages, w) = parts.pop().expect("one part");
+                    waiters.push(w);
+                    Frame::PublishBatch(proto::PublishBatch { batch_id, messages })
+                }
+                Mode::Multi(_) => Frame::PublishMulti(proto::PublishMulti {
+                    batch_id,
+                    parts: parts
+                        .into_iter()
+                        .map(|(channel, messages, w)| {
+                            waiters.push(w);
+                            proto::ChannelBatch {
+                                channel: channel.map(|c| c.to_string()).unwrap_or_default(),
+                                messages,
+                            }
+                        })
+                        .collect(),
+                }),
+            };
             let written = match self.stream.as_mut() {
                 Some(stream) => stream.writer.write(&frame).await,
                 None => Ok(()),
             };
-            let Frame::PublishBatch(batch) = frame else {
-                unreachable!()
-            };
             self.in_flight_bytes += bytes;
             self.in_flight.push_back(InFlight {
-                batch,
+                frame,
+                batch_id,
                 waiters,
                 bytes,
             });
@@ -409,46 +622,16 @@ impl Task {
     fn on_frame(&mut self, frame: Frame) -> Option<Duration> {
         match frame {
             Frame::PublishAck(ack) => {
-                self.full_since = None;
-                let Some(front) = self.in_flight.front() else {
-                    self.protocol_error("an ack for no batch in flight");
-                    return None;
-                };
-                if front.batch.batch_id != ack.batch_id {
-                    self.protocol_error("acks out of order");
-                    return None;
-                }
-                let done = self.in_flight.pop_front().expect("front exists");
-                self.in_flight_bytes -= done.bytes;
-                let mut next_offset = ack.first_offset;
-                let mut dups = ack.duplicates.iter().peekable();
-                for (i, (waiter, message)) in done
-                    .waiters
+                let parts = [(ack.first_offset, ack.duplicates)];
+                self.complete(ack.batch_id, parts.into_iter(), false);
+                None
+            }
+            Frame::PublishMultiAck(ack) => {
+                let parts = ack
+                    .parts
                     .into_iter()
-                    .zip(done.batch.messages.iter())
-                    .enumerate()
-                {
-                    let receipt = match dups.peek() {
-                        Some(d) if d.index as usize == i => {
-                            let d = dups.next().expect("peeked");
-                            Receipt {
-                                sequence: message.sequence,
-                                offset: d.offset,
-                                duplicate: true,
-                            }
-                        }
-                        _ => {
-                            let offset = next_offset;
-                            next_offset += 1;
-                            Receipt {
-                                sequence: message.sequence,
-                                offset: Some(offset),
-                                duplicate: false,
-                            }
-                        }
-                    };
-                    let _ = waiter.send(Ok(receipt));
-                }
+                    .map(|p| (p.first_offset, p.duplicates));
+                self.complete(ack.batch_id, parts, true);
                 None
             }
             Frame::Error(e) => {
@@ -477,10 +660,10 @@ impl Task {
                 }
                 let error = Error::from_frame(e.clone());
                 match self.in_flight.front() {
-                    Some(front) if e.request_id == front.batch.batch_id => {
+                    Some(front) if e.request_id == front.batch_id => {
                         let failed = self.in_flight.pop_front().expect("front exists");
                         self.in_flight_bytes -= failed.bytes;
-                        for waiter in failed.waiters {
+                        for waiter in failed.waiters.into_iter().flatten() {
                             let _ = waiter.send(Err(error.clone()));
                         }
                     }
@@ -495,6 +678,66 @@ impl Task {
         }
     }
 
+    /// Resolves the waiters of the oldest batch in flight from its ack: per part, the
+    /// first offset and the messages that were duplicates.
+    fn complete(
+        &mut self,
+        batch_id: u64,
+        parts: impl ExactSizeIterator<Item = (u64, Vec<proto::DuplicateAck>)>,
+        multi: bool,
+    ) {
+        self.full_since = None;
+        let Some(front) = self.in_flight.front() else {
+            self.protocol_error("an ack for no batch in flight");
+            return;
+        };
+        if front.batch_id != batch_id {
+            self.protocol_error("acks out of order");
+            return;
+        }
+        if multi != matches!(front.frame, Frame::PublishMulti(_))
+            || parts.len() != front.waiters.len()
+        {
+            self.protocol_error("an ack that does not match its batch");
+            return;
+        }
+        let done = self.in_flight.pop_front().expect("front exists");
+        self.in_flight_bytes -= done.bytes;
+        let messages: Vec<&[PublishMessage]> = match &done.frame {
+            Frame::PublishBatch(b) => vec![&b.messages],
+            Frame::PublishMulti(m) => m.parts.iter().map(|p| &p.messages[..]).collect(),
+            _ => Vec::new(),
+        };
+        for (((first_offset, duplicates), waiters), messages) in
+            parts.zip(done.waiters).zip(messages)
+        {
+            let mut next_offset = first_offset;
+            let mut dups = duplicates.iter().peekable();
+            for (i, (waiter, message)) in waiters.into_iter().zip(messages).enumerate() {
+                let receipt = match dups.peek() {
+                    Some(d) if d.index as usize == i => {
+                        let d = dups.next().expect("peeked");
+                        Receipt {
+                            sequence: message.sequence,
+                            offset: d.offset,
+                            duplicate: true,
+                        }
+                    }
+                    _ => {
+                        let offset = next_offset;
+                        next_offset += 1;
+                        Receipt {
+                            sequence: message.sequence,
+                            offset: Some(offset),
+                            duplicate: false,
+                        }
+                    }
+                };
+                let _ = waiter.send(Ok(receipt));
+            }
+        }
+    }
+
     fn protocol_error(&mut self, what: &str) {
         tracing::warn!(what, "unexpected frame on the publish stream; reopening it");
         self.stream = None;
@@ -504,12 +747,12 @@ impl Task {
         // Nothing is pending any more: a later STORAGE_FULL starts a new wait.
         self.full_since = None;
         for in_flight in self.in_flight.drain(..) {
-            for waiter in in_flight.waiters {
+            for waiter in in_flight.waiters.into_iter().flatten() {
                 let _ = waiter.send(Err(error.clone()));
             }
         }
         self.in_flight_bytes = 0;
-        for (_, waiter) in self.queued.drain(..) {
+        for (_, _, waiter) in self.queued.drain(..) {
             let _ = waiter.send(Err(error.clone()));
         }
     }

@@ -87,6 +87,18 @@ struct PublishBatchMeta {
 }
 
 #[derive(Serialize, Deserialize)]
+struct ChannelPartMeta {
+    channel: String,
+    messages: Vec<PublishEntry>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PublishMultiMeta {
+    batch_id: u64,
+    parts: Vec<ChannelPartMeta>,
+}
+
+#[derive(Serialize, Deserialize)]
 struct DeliverEntry {
     offset: u64,
     timestamp_ms: u64,
@@ -161,6 +173,8 @@ pub fn decode(buf: &mut BytesMut, max_frame_bytes: u64) -> Result<Option<Frame>,
         kind::OPEN_PUBLISH => no_data(Frame::OpenPublish(meta_of(name, &meta)?)),
         kind::PUBLISH_OPENED => no_data(Frame::PublishOpened(meta_of(name, &meta)?)),
         kind::PUBLISH_ACK => no_data(Frame::PublishAck(meta_of(name, &meta)?)),
+        kind::OPEN_PUBLISH_MULTI => no_data(Frame::OpenPublishMulti(meta_of(name, &meta)?)),
+        kind::PUBLISH_MULTI_ACK => no_data(Frame::PublishMultiAck(meta_of(name, &meta)?)),
         kind::SUBSCRIBE => no_data(Frame::Subscribe(meta_of(name, &meta)?)),
         kind::SUBSCRIBED => no_data(Frame::Subscribed(meta_of(name, &meta)?)),
         kind::CREDIT => no_data(Frame::Credit(meta_of(name, &meta)?)),
@@ -184,6 +198,34 @@ pub fn decode(buf: &mut BytesMut, max_frame_bytes: u64) -> Result<Option<Frame>,
             Ok(Some(Frame::PublishBatch(PublishBatch {
                 batch_id: m.batch_id,
                 messages,
+            })))
+        }
+        kind::PUBLISH_MULTI => {
+            let m: PublishMultiMeta = meta_of(name, &meta)?;
+            let lens = m
+                .parts
+                .iter()
+                .flat_map(|p| p.messages.iter().map(|e| e.len));
+            let mut payloads = split_payloads(name, lens, data)?.into_iter();
+            let parts = m
+                .parts
+                .into_iter()
+                .map(|p| ChannelBatch {
+                    channel: p.channel,
+                    messages: p
+                        .messages
+                        .into_iter()
+                        .map(|e| PublishMessage {
+                            sequence: e.sequence,
+                            headers: e.headers,
+                            payload: payloads.next().unwrap_or_default(),
+                        })
+                        .collect(),
+                })
+                .collect();
+            Ok(Some(Frame::PublishMulti(PublishMulti {
+                batch_id: m.batch_id,
+                parts,
             })))
         }
         kind::DELIVER => {
@@ -260,6 +302,8 @@ fn encode_inner(frame: &Frame, dst: &mut BytesMut, out: &mut Vec<Bytes>, coalesc
             Frame::OpenPublish(m) => options().serialize_into(w, m),
             Frame::PublishOpened(m) => options().serialize_into(w, m),
             Frame::PublishAck(m) => options().serialize_into(w, m),
+            Frame::OpenPublishMulti(m) => options().serialize_into(w, m),
+            Frame::PublishMultiAck(m) => options().serialize_into(w, m),
             Frame::Subscribe(m) => options().serialize_into(w, m),
             Frame::Subscribed(m) => options().serialize_into(w, m),
             Frame::Credit(m) => options().serialize_into(w, m),
@@ -278,6 +322,33 @@ fn encode_inner(frame: &Frame, dst: &mut BytesMut, out: &mut Vec<Bytes>, coalesc
                             sequence: m.sequence,
                             headers: m.headers.clone(),
                             len: payload_len(&m.payload),
+                        })
+                        .collect(),
+                };
+                options().serialize_into(w, &meta)
+            }
+            Frame::PublishMulti(b) => {
+                payloads.extend(
+                    b.parts
+                        .iter()
+                        .flat_map(|p| p.messages.iter().map(|m| &m.payload)),
+                );
+                let meta = PublishMultiMeta {
+                    batch_id: b.batch_id,
+                    parts: b
+                        .parts
+                        .iter()
+                        .map(|p| ChannelPartMeta {
+                            channel: p.channel.clone(),
+                            messages: p
+                                .messages
+                                .iter()
+                                .map(|m| PublishEntry {
+                                    sequence: m.sequence,
+                                    headers: m.headers.clone(),
+                                    len: payload_len(&m.payload),
+                                })
+                                .collect(),
                         })
                         .collect(),
                 };

@@ -31,6 +31,12 @@ pub enum Frame {
     PublishBatch(PublishBatch),
     /// Broker → client, a batch is durable.
     PublishAck(PublishAck),
+    /// Client → broker, first frame of a multi-channel publish stream (§4.2.1).
+    OpenPublishMulti(OpenPublishMulti),
+    /// Client → broker, batches for several channels in one frame.
+    PublishMulti(PublishMulti),
+    /// Broker → client, every part of a [`PublishMulti`] is durable.
+    PublishMultiAck(PublishMultiAck),
     /// Client → broker, first frame of a consume stream (§4.3).
     Subscribe(Subscribe),
     /// Broker → client, the consume stream is ready.
@@ -267,6 +273,44 @@ pub struct PublishAck {
 }
 
 /// Opens a consume stream for one durable consumer on one channel.
+/// Opens a publish stream that carries batches for any number of channels as one
+/// producer id: one frame and one ack for many channels' batches (§4.2.1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenPublishMulti {
+    pub producer_id: String,
+    /// Create a channel on its first part if it does not exist.
+    pub create: bool,
+}
+
+/// One channel's batch inside a [`PublishMulti`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelBatch {
+    pub channel: String,
+    pub messages: Vec<PublishMessage>,
+}
+
+/// Batches for several channels; at most one part per channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishMulti {
+    pub batch_id: u64,
+    pub parts: Vec<ChannelBatch>,
+}
+
+/// What one part of a [`PublishMulti`] got, as a [`PublishAck`] says for a batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartAck {
+    pub first_offset: u64,
+    pub appended: u32,
+    pub duplicates: Vec<DuplicateAck>,
+}
+
+/// Every part of batch `batch_id` is durable; `parts` in the order they were sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishMultiAck {
+    pub batch_id: u64,
+    pub parts: Vec<PartAck>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Subscribe {
     pub channel: String,
@@ -360,6 +404,9 @@ impl Frame {
             Frame::PublishOpened(_) => kind::PUBLISH_OPENED,
             Frame::PublishBatch(_) => kind::PUBLISH_BATCH,
             Frame::PublishAck(_) => kind::PUBLISH_ACK,
+            Frame::OpenPublishMulti(_) => kind::OPEN_PUBLISH_MULTI,
+            Frame::PublishMulti(_) => kind::PUBLISH_MULTI,
+            Frame::PublishMultiAck(_) => kind::PUBLISH_MULTI_ACK,
             Frame::Subscribe(_) => kind::SUBSCRIBE,
             Frame::Subscribed(_) => kind::SUBSCRIBED,
             Frame::Deliver(_) => kind::DELIVER,
@@ -388,6 +435,9 @@ pub mod kind {
     pub const PUBLISH_OPENED: u8 = 11;
     pub const PUBLISH_BATCH: u8 = 12;
     pub const PUBLISH_ACK: u8 = 13;
+    pub const OPEN_PUBLISH_MULTI: u8 = 14;
+    pub const PUBLISH_MULTI: u8 = 15;
+    pub const PUBLISH_MULTI_ACK: u8 = 16;
     pub const SUBSCRIBE: u8 = 20;
     pub const SUBSCRIBED: u8 = 21;
     pub const DELIVER: u8 = 22;
@@ -409,6 +459,9 @@ pub mod kind {
             PUBLISH_OPENED => "PublishOpened",
             PUBLISH_BATCH => "PublishBatch",
             PUBLISH_ACK => "PublishAck",
+            OPEN_PUBLISH_MULTI => "OpenPublishMulti",
+            PUBLISH_MULTI => "PublishMulti",
+            PUBLISH_MULTI_ACK => "PublishMultiAck",
             SUBSCRIBE => "Subscribe",
             SUBSCRIBED => "Subscribed",
             DELIVER => "Deliver",

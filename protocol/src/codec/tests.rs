@@ -399,6 +399,65 @@ fn samples() -> Vec<(&'static str, Frame)> {
             }),
         ),
         (
+            "open_publish_multi",
+            Frame::OpenPublishMulti(OpenPublishMulti {
+                producer_id: "p1".into(),
+                create: true,
+            }),
+        ),
+        (
+            "publish_multi",
+            Frame::PublishMulti(PublishMulti {
+                batch_id: 5,
+                parts: vec![
+                    ChannelBatch {
+                        channel: "s1".into(),
+                        messages: vec![PublishMessage {
+                            sequence: 7,
+                            headers: Vec::new(),
+                            payload: Bytes::from_static(b"ab"),
+                        }],
+                    },
+                    ChannelBatch {
+                        channel: "s2".into(),
+                        messages: vec![
+                            PublishMessage {
+                                sequence: 1,
+                                headers: headers(),
+                                payload: Bytes::from_static(b"c"),
+                            },
+                            PublishMessage {
+                                sequence: 2,
+                                headers: Vec::new(),
+                                payload: Bytes::new(),
+                            },
+                        ],
+                    },
+                ],
+            }),
+        ),
+        (
+            "publish_multi_ack",
+            Frame::PublishMultiAck(PublishMultiAck {
+                batch_id: 5,
+                parts: vec![
+                    PartAck {
+                        first_offset: 40,
+                        appended: 1,
+                        duplicates: Vec::new(),
+                    },
+                    PartAck {
+                        first_offset: 9,
+                        appended: 1,
+                        duplicates: vec![DuplicateAck {
+                            index: 0,
+                            offset: Some(8),
+                        }],
+                    },
+                ],
+            }),
+        ),
+        (
             "subscribe",
             Frame::Subscribe(Subscribe {
                 channel: "dc-a/s1".into(),
@@ -542,12 +601,20 @@ fn payloads_of(frame: &Frame) -> Vec<Bytes> {
     match frame {
         Frame::PublishBatch(b) => b.messages.iter().map(|m| m.payload.clone()).collect(),
         Frame::Deliver(d) => d.messages.iter().map(|m| m.payload.clone()).collect(),
+        Frame::PublishMulti(b) => b
+            .parts
+            .iter()
+            .flat_map(|p| p.messages.iter().map(|m| m.payload.clone()))
+            .collect(),
         _ => Vec::new(),
     }
 }
 
 fn has_data_section(frame: &Frame) -> bool {
-    matches!(frame, Frame::PublishBatch(_) | Frame::Deliver(_))
+    matches!(
+        frame,
+        Frame::PublishBatch(_) | Frame::Deliver(_) | Frame::PublishMulti(_)
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -645,6 +712,9 @@ fn kind_numbers_are_pinned() {
             (11, "PublishOpened"),
             (12, "PublishBatch"),
             (13, "PublishAck"),
+            (14, "OpenPublishMulti"),
+            (15, "PublishMulti"),
+            (16, "PublishMultiAck"),
             (20, "Subscribe"),
             (21, "Subscribed"),
             (22, "Deliver"),
@@ -948,6 +1018,27 @@ const GOLDEN: &[(&str, &str)] = &[
         "0000002e 0d 0000002e \
          0300000000000000640000000000000001000000020000000000000000000000 \
          015a000000000000000200000000",
+    ),
+    (
+        "open_publish_multi",
+        "0000000b 0e 0000000b \
+         0200000000000000703101",
+    ),
+    (
+        "publish_multi",
+        "000000a0 0f 0000009d \
+         0500000000000000020000000000000002000000000000007331010000000000 \
+         0000070000000000000000000000000000000200000002000000000000007332 \
+         0200000000000000010000000000000002000000000000000500000000000000 \
+         74726163650300000000000000742d310500000000000000656d707479000000 \
+         0000000000010000000200000000000000000000000000000000000000616263",
+    ),
+    (
+        "publish_multi_ack",
+        "00000045 10 00000045 \
+         0500000000000000020000000000000028000000000000000100000000000000 \
+         0000000009000000000000000100000001000000000000000000000001080000 \
+         0000000000",
     ),
     (
         "subscribe",

@@ -7,6 +7,7 @@ mod consumers;
 mod end_to_end;
 mod hostile;
 mod limits;
+mod multi;
 mod operations;
 mod rebuild;
 mod retention;

@@ -1,0 +1,254 @@
+//! Multi-channel publish streams (docs/protocol.md §4.2.1): one stream carries batches for
+//! many channels; per channel, order, sequences and exactly-once appends hold as on a
+//! stream per channel, through a SIGKILL of the broker; a frame with one bad part is
+//! refused whole and appends nothing.
+
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use bytes::Bytes;
+use directmq_client::{FrameReader, FrameWriter, PendingAck, ProducerOptions, StartPosition};
+use directmq_protocol::{self as proto, ErrorCode, Frame};
+use directmq_tests::{client, payload, test_config, ChildBroker};
+
+use crate::bad_input::{hello, raw_connection};
+
+fn name(c: u32) -> String {
+    format!("dc-a/many/s{c:03}")
+}
+
+/// Reads channel `c` from the start and checks it holds exactly `count` messages, the
+/// payloads of sequences `0..count` of producer 0 in order.
+async fn check_channel(client: &directmq_client::Client, c: u32, count: u64) -> Result<()> {
+    let mut consumer = client
+        .consumer(&name(c), "check", StartPosition::Earliest)
+        .await?;
+    for seq in 0..count {
+        let message = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await
+            .with_context(|| format!("channel {c}: message {seq} never came"))?
+            .context("the consumer ended")??;
+        ensure!(
+            message.offset == seq,
+            "channel {c}: offset {} for {seq}",
+            message.offset
+        );
+        ensure!(
+            message.payload == payload(c, 0, seq, 100 + (seq as usize % 7) * 50),
+            "channel {c}: message {seq} differs"
+        );
+    }
+    let head = client
+        .list_channels(&name(c))
+        .await?
+        .into_iter()
+        .find(|i| i.name == name(c))
+        .context("listed")?
+        .head;
+    ensure!(
+        head == count,
+        "channel {c} holds {head} messages, not {count}: a duplicate or a loss"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_stream_publishes_many_channels_in_order_and_exactly_once_across_a_sigkill(
+) -> Result<()> {
+    directmq_tests::init_logging();
+    const CHANNELS: u32 = 60;
+    const PER_CHANNEL: u64 = 60;
+    let dir = tempfile::tempdir()?;
+    let bin = crate::directmq_bin();
+    let mut broker = ChildBroker::start(&bin, dir.path(), None)?;
+    let addr = broker.quic;
+    let producer_client = client(addr, dir.path()).await?;
+    let multi = producer_client
+        .multi_producer("agent-0", ProducerOptions::default())
+        .await?;
+    ensure!(
+        multi.open_channel(&name(0)).await?.is_none(),
+        "a new channel has no sequence"
+    );
+
+    let mut pending: Vec<(u32, u64, PendingAck)> = Vec::new();
+    let total = u64::from(CHANNELS) * PER_CHANNEL;
+    for i in 0..total {
+        let (c, seq) = ((i % u64::from(CHANNELS)) as u32, i / u64::from(CHANNELS));
+        let ack = multi
+            .enqueue(&name(c), payload(c, 0, seq, 100 + (seq as usize % 7) * 50))
+            .await?;
+        pending.push((c, seq, ack));
+        if i == total / 2 {
+            // Half queued, some of it in flight: the broker dies and comes back on the
+            // same address. The stream is reopened and every unacknowledged frame
+            // resent; the broker appends each sequence once.
+            broker.kill();
+            broker = ChildBroker::start(&bin, dir.path(), Some(addr))?;
+        }
+    }
+    for (c, seq, ack) in pending {
+        let receipt = tokio::time::timeout(Duration::from_secs(60), ack)
+            .await
+            .context("an ack never came")??;
+        ensure!(
+            receipt.sequence == seq,
+            "channel {c}: sequence {}",
+            receipt.sequence
+        );
+        // A resent message the broker had appended before the kill is answered as a
+        // duplicate with its original offset: either way it is stored once, at `seq`.
+        ensure!(
+            receipt.offset == Some(seq),
+            "channel {c}: message {seq} at offset {:?}",
+            receipt.offset
+        );
+    }
+    let checker = client(addr, dir.path()).await?;
+    for c in 0..CHANNELS {
+        check_channel(&checker, c, PER_CHANNEL).await?;
+    }
+    // A new producer with the same id resumes each channel after its last sequence.
+    let again = checker
+        .multi_producer("agent-0", ProducerOptions::default())
+        .await?;
+    ensure!(again.open_channel(&name(7)).await? == Some(PER_CHANNEL - 1));
+    let receipt = again.send(&name(7), "next").await?;
+    ensure!(receipt.sequence == PER_CHANNEL && receipt.offset == Some(PER_CHANNEL));
+    // Sequences already stored are answered as duplicates with their offsets, part by
+    // part, next to new messages for another channel in the same frame.
+    let dup = again
+        .enqueue_with(&name(3), 5, vec![], payload(3, 0, 5, 100 + 5 * 50))
+        .await?;
+    let fresh = again.enqueue(&name(4), "fresh").await?;
+    let (dup, fresh) = (dup.await?, fresh.await?);
+    ensure!(dup.duplicate && dup.offset == Some(5), "{dup:?}");
+    ensure!(
+        !fresh.duplicate && fresh.offset == Some(PER_CHANNEL),
+        "{fresh:?}"
+    );
+    // Names are checked before anything is queued.
+    let err = again
+        .send("bad name!", "x")
+        .await
+        .expect_err("invalid name");
+    ensure!(err.code() == Some(ErrorCode::INVALID_CHANNEL_NAME), "{err}");
+    checker.close().await;
+    producer_client.close().await;
+    broker.terminate()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_with_a_bad_part_is_refused_whole_and_appends_nothing() -> Result<()> {
+    directmq_tests::init_logging();
+    let dir = tempfile::tempdir()?;
+    let mut config = test_config(dir.path());
+    config.max_message_bytes = 4096;
+    let running = directmq_broker::start(config).await?;
+    let addr = running.quic_addr;
+    let conn = raw_connection(addr, dir.path()).await?;
+    let (_control_w, _control_r, reply) = hello(&conn, proto::PROTOCOL_VERSION).await?;
+    ensure!(matches!(reply, Some(Frame::HelloOk(_))), "{reply:?}");
+    let message = |sequence, size: usize| proto::PublishMessage {
+        sequence,
+        headers: vec![],
+        payload: Bytes::from(vec![3u8; size]),
+    };
+    let part = |channel: &str, messages| proto::ChannelBatch {
+        channel: channel.into(),
+        messages,
+    };
+    // Each frame: a good part first, then one that must be refused.
+    let cases: Vec<(proto::ChannelBatch, ErrorCode)> = vec![
+        (
+            part("multi/b", vec![message(1, 5000)]),
+            ErrorCode::MESSAGE_TOO_LARGE,
+        ),
+        (
+            part("no spaces allowed", vec![message(1, 10)]),
+            ErrorCode::INVALID_CHANNEL_NAME,
+        ),
+        (
+            part("multi/b", vec![message(5, 10), message(5, 10)]),
+            ErrorCode::INVALID_SEQUENCE,
+        ),
+    ];
+    for (batch_id, (bad, code)) in (1u64..).zip(cases) {
+        let (send, recv) = conn.open_bi().await?;
+        let mut w = FrameWriter::new(send);
+        let mut r = FrameReader::new(recv, 1 << 30);
+        w.write(&Frame::OpenPublishMulti(proto::OpenPublishMulti {
+            producer_id: "raw".into(),
+            create: true,
+        }))
+        .await?;
+        ensure!(matches!(r.next().await?, Some(Frame::PublishOpened(_))));
+        w.write(&Frame::PublishMulti(proto::PublishMulti {
+            batch_id,
+            parts: vec![part("multi/a", vec![message(batch_id, 10)]), bad],
+        }))
+        .await?;
+        match r.next().await? {
+            Some(Frame::Error(e)) => {
+                ensure!(e.code == code && e.request_id == batch_id, "{e:?}")
+            }
+            other => bail!("expected {code}, got {other:?}"),
+        }
+        ensure!(
+            r.next().await?.is_none(),
+            "the stream stays open after a refusal"
+        );
+    }
+    // Nothing of the good parts was appended.
+    let c = client(addr, dir.path()).await?;
+    let stored: u64 = c
+        .list_channels("multi/")
+        .await?
+        .iter()
+        .map(|i| i.head)
+        .sum();
+    ensure!(
+        stored == 0,
+        "{stored} messages of refused frames were stored"
+    );
+    // A multi-channel stream takes only PublishMulti frames.
+    let (send, recv) = conn.open_bi().await?;
+    let mut w = FrameWriter::new(send);
+    let mut r = FrameReader::new(recv, 1 << 30);
+    w.write(&Frame::OpenPublishMulti(proto::OpenPublishMulti {
+        producer_id: "raw".into(),
+        create: true,
+    }))
+    .await?;
+    ensure!(matches!(r.next().await?, Some(Frame::PublishOpened(_))));
+    w.write(&Frame::PublishBatch(proto::PublishBatch {
+        batch_id: 9,
+        messages: vec![message(1, 10)],
+    }))
+    .await?;
+    match r.next().await? {
+        Some(Frame::Error(e)) => ensure!(e.code == ErrorCode::UNEXPECTED_FRAME, "{e:?}"),
+        other => bail!("expected UNEXPECTED_FRAME, got {other:?}"),
+    }
+    // An invalid producer id is refused when the stream opens.
+    let (send, recv) = conn.open_bi().await?;
+    let mut w = FrameWriter::new(send);
+    let mut r = FrameReader::new(recv, 1 << 30);
+    w.write(&Frame::OpenPublishMulti(proto::OpenPublishMulti {
+        producer_id: "not valid!".into(),
+        create: true,
+    }))
+    .await?;
+    match r.next().await? {
+        Some(Frame::Error(e)) => ensure!(e.code == ErrorCode::INVALID_NAME, "{e:?}"),
+        other => bail!("expected INVALID_NAME, got {other:?}"),
+    }
+    // And the broker still serves.
+    let multi = c.multi_producer("fine", ProducerOptions::default()).await?;
+    let receipt = multi.send("multi/a", "ok").await?;
+    ensure!(receipt.offset == Some(0));
+    c.close().await;
+    running.shutdown().await;
+    Ok(())
+}

@@ -136,7 +136,7 @@ struct Args {
     /// How a producer publishes to its channels: `per-channel` (a publish stream per
     /// channel, a Producer each) or `shared` (one multi-channel stream, a MultiProducer,
     /// whose frames carry batches for many channels). `auto`: shared when a producer has
-    /// more than 16 channels.
+    /// more than one channel.
     #[arg(long, value_enum, default_value_t = Streams::Auto)]
     streams: Streams,
     /// When the broker acknowledges: `fsync` (after the data is fdatasync'd) or `interval`
@@ -242,7 +242,7 @@ enum Streams {
 }
 
 /// Channels per producer above which `--streams auto` shares one stream.
-const SHARED_ABOVE_CHANNELS: u32 = 16;
+const SHARED_ABOVE_CHANNELS: u32 = 1;
 
 struct Plan {
     producers: u32,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use directmq_client::{FrameReader, FrameWriter, StreamError};
 use directmq_protocol::{self as proto, ErrorCode, Frame, RequestBody, ResponseBody};
-use directmq_storage::{Record, StorageError, Store, StoredMessage};
+use directmq_storage::{Durability, Record, StorageError, Store, StoredMessage};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
@@ -1618,37 +1618,154 @@ impl Broker {
                 ));
             }
         }
-        let mut parts = Vec::with_capacity(batch.parts.len());
+        // Planned and queued under as few state locks as possible: one for the whole
+        // frame, unless a part must first wait for its own earlier copy to become durable
+        // (a resend after a reconnect).
+        struct Planned {
+            id: u64,
+            heads: watch::Sender<u64>,
+            durability: Durability,
+            incoming: Vec<Incoming>,
+            on_disk: u64,
+        }
+        let mut planned = Vec::with_capacity(batch.parts.len());
+        let (mut count, mut bytes) = (0u64, 0u64);
         for part in batch.parts {
             let r = &resolved[&part.channel];
-            let single = proto::PublishBatch {
-                batch_id: batch.batch_id,
-                messages: part.messages,
-            };
-            match self
-                .plan_batch(r.id, &open.producer_id, epoch, single, &r.heads, r.settings)
-                .await?
+            let part_bytes: u64 = part.messages.iter().map(|m| m.payload.len() as u64).sum();
+            let on_disk = part_bytes + 64 * part.messages.len() as u64 + 128;
+            self.check_room(r.id, on_disk)?;
+            count += part.messages.len() as u64;
+            bytes += part_bytes;
+            planned.push(Planned {
+                id: r.id,
+                heads: r.heads.clone(),
+                durability: r.settings.durability,
+                incoming: part
+                    .messages
+                    .into_iter()
+                    .map(|m| Incoming {
+                        sequence: m.sequence,
+                        message: StoredMessage {
+                            headers: m.headers,
+                            payload: m.payload,
+                        },
+                    })
+                    .collect(),
+                on_disk,
+            });
+        }
+        metrics::histogram!(m::BATCH_MESSAGES).record(count as f64);
+        let mut acks = Vec::with_capacity(planned.len());
+        let mut durables = Vec::new();
+        let mut appended_total = 0u64;
+        let mut next = 0;
+        while next < planned.len() || (planned.is_empty() && durables.is_empty()) {
+            let (tx, rx) = oneshot::channel();
+            let mut records = Vec::new();
+            let mut moved: Vec<(watch::Sender<u64>, u64)> = Vec::new();
+            let mut reserved = 0u64;
+            let mut durability: Option<Durability> = None;
+            let mut waits = false;
+            let mut failed = None;
             {
-                Ack::Pending { ack, durable, .. } => parts.push((
-                    proto::PartAck {
-                        first_offset: ack.first_offset,
-                        appended: ack.appended,
-                        duplicates: ack.duplicates,
-                    },
-                    durable,
-                )),
-                Ack::Refused(_, r) => return Err(r),
-                Ack::Multi { .. } => {
+                let mut txn = self.store.begin();
+                if txn.state().epoch() != epoch {
                     return Err(Refusal::new(
-                        ErrorCode::INTERNAL,
-                        "a batch was planned as several",
-                    ))
+                        ErrorCode::STORAGE_ERROR,
+                        "a write failed on the broker; reopen the stream and resend unacknowledged batches",
+                    ));
+                }
+                while let Some(p) = planned.get_mut(next) {
+                    let incoming = std::mem::take(&mut p.incoming);
+                    let decision = match engine::plan_publish(
+                        txn.state(),
+                        p.id,
+                        &open.producer_id,
+                        incoming,
+                        now_ms(),
+                    ) {
+                        Ok(decision) => decision,
+                        Err(r) => {
+                            // Parts planned before it are queued below all the same.
+                            failed = Some(r);
+                            break;
+                        }
+                    };
+                    durability = Some(stronger(durability, p.durability));
+                    match decision {
+                        PublishDecision::Append {
+                            record,
+                            first_offset,
+                            appended,
+                            duplicates,
+                        } => {
+                            if let Some(record) = record {
+                                records.push(record);
+                                moved.push((p.heads.clone(), first_offset + u64::from(appended)));
+                                reserved += p.on_disk;
+                            }
+                            appended_total += u64::from(appended);
+                            acks.push(proto::PartAck {
+                                first_offset,
+                                appended,
+                                duplicates: duplicates
+                                    .into_iter()
+                                    .map(|(index, offset)| proto::DuplicateAck { index, offset })
+                                    .collect(),
+                            });
+                            next += 1;
+                        }
+                        PublishDecision::WaitForInFlight(back) => {
+                            p.incoming = back;
+                            waits = true;
+                            break;
+                        }
+                    }
+                }
+                let reserved_bytes = self.reserved_bytes.clone();
+                reserved_bytes.fetch_add(reserved, Ordering::AcqRel);
+                let done: directmq_storage::Done = Box::new(move |r| {
+                    reserved_bytes.fetch_sub(reserved, Ordering::AcqRel);
+                    if r.is_ok() {
+                        for (heads, end) in moved {
+                            heads.send_if_modified(|h| {
+                                let moves = end > *h;
+                                *h = (*h).max(end);
+                                moves
+                            });
+                        }
+                    }
+                    let _ = tx.send(r);
+                });
+                // With no record: a barrier, done once what is queued before is durable.
+                if let Err(e) =
+                    txn.append_with(records, durability.unwrap_or(Durability::Fsync), done)
+                {
+                    self.reserved_bytes.fetch_sub(reserved, Ordering::AcqRel);
+                    return Err(self.storage_refusal(&e));
                 }
             }
+            if let Some(r) = failed {
+                return Err(r);
+            }
+            if waits {
+                match rx.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(self.storage_refusal(&e)),
+                    Err(_) => return Err(self.storage_refusal(&StorageError::Closed)),
+                }
+            } else {
+                durables.push(rx);
+            }
         }
+        metrics::counter!(m::PUBLISHED_MESSAGES).increment(appended_total);
+        metrics::counter!(m::PUBLISHED_BYTES).increment(bytes);
+        metrics::counter!(m::DUPLICATES).increment(count - appended_total);
         Ok(Ack::Multi {
             batch_id: batch.batch_id,
-            parts,
+            parts: acks,
+            durables,
             received,
         })
     }
@@ -2292,9 +2409,20 @@ enum Ack {
     /// A [`proto::PublishMulti`]: acked once every part is durable.
     Multi {
         batch_id: u64,
-        parts: Vec<(proto::PartAck, Durable)>,
+        parts: Vec<proto::PartAck>,
+        /// What the frame's parts were queued with; all done: all durable.
+        durables: Vec<Durable>,
         received: Instant,
     },
+}
+
+/// The durability that satisfies both: fsync over interval, the shorter interval.
+fn stronger(a: Option<Durability>, b: Durability) -> Durability {
+    match (a, b) {
+        (None, b) => b,
+        (Some(Durability::Fsync), _) | (_, Durability::Fsync) => Durability::Fsync,
+        (Some(Durability::Interval(x)), Durability::Interval(y)) => Durability::Interval(x.min(y)),
+    }
 }
 
 type Durable = oneshot::Receiver<Result<(), Arc<StorageError>>>;
@@ -2355,12 +2483,12 @@ async fn write_acks(mut writer: FrameWriter, mut pending: mpsc::Receiver<Box<Ack
             Ack::Multi {
                 batch_id,
                 parts,
+                durables,
                 received,
             } => {
-                let mut acks = Vec::with_capacity(parts.len());
-                for (ack, durable) in parts {
+                for durable in durables {
                     match durable.await {
-                        Ok(Ok(())) => acks.push(ack),
+                        Ok(Ok(())) => {}
                         Ok(Err(e)) => {
                             writer.write(&storage_failure(batch_id, &e)).await.ok();
                             writer.finish();
@@ -2370,10 +2498,7 @@ async fn write_acks(mut writer: FrameWriter, mut pending: mpsc::Receiver<Box<Ack
                     }
                 }
                 metrics::histogram!(m::ACK_SECONDS).record(received.elapsed().as_secs_f64());
-                Frame::PublishMultiAck(proto::PublishMultiAck {
-                    batch_id,
-                    parts: acks,
-                })
+                Frame::PublishMultiAck(proto::PublishMultiAck { batch_id, parts })
             }
             Ack::Refused(batch_id, r) => {
                 writer

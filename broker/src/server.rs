@@ -1563,32 +1563,48 @@ impl Broker {
         resolved: &mut HashMap<String, Resolved>,
     ) -> Result<Ack, Refusal> {
         let received = Instant::now();
-        for part in &batch.parts {
-            if !resolved.contains_key(&part.channel) {
-                let single = proto::OpenPublish {
-                    channel: part.channel.clone(),
-                    producer_id: open.producer_id.clone(),
-                    create: open.create,
-                };
-                let (id, _, channel_epoch) = self.open_publish(identity, &single).await?;
-                if channel_epoch != epoch {
-                    return Err(Refusal::new(
-                        ErrorCode::STORAGE_ERROR,
-                        "a write failed on the broker; reopen the stream and resend unacknowledged batches",
-                    ));
-                }
-                resolved.insert(
-                    part.channel.clone(),
-                    Resolved {
+        // Planned and queued under as few state locks as possible: one for the whole
+        // frame, unless a part must first wait for its own earlier copy to become durable
+        // (a resend after a reconnect).
+        struct Planned {
+            id: u64,
+            heads: watch::Sender<u64>,
+            durability: Durability,
+            incoming: Vec<Incoming>,
+            on_disk: u64,
+        }
+        let mut planned = Vec::with_capacity(batch.parts.len());
+        let (mut count, mut bytes) = (0u64, 0u64);
+        // Every check that can refuse a part runs here, before anything is queued.
+        for part in batch.parts {
+            let (id, heads, settings) = match resolved.get(&part.channel) {
+                Some(r) => (r.id, r.heads.clone(), r.settings),
+                None => {
+                    let single = proto::OpenPublish {
+                        channel: part.channel.clone(),
+                        producer_id: open.producer_id.clone(),
+                        create: open.create,
+                    };
+                    let (id, _, channel_epoch) = self.open_publish(identity, &single).await?;
+                    if channel_epoch != epoch {
+                        return Err(Refusal::new(
+                            ErrorCode::STORAGE_ERROR,
+                            "a write failed on the broker; reopen the stream and resend unacknowledged batches",
+                        ));
+                    }
+                    let r = Resolved {
                         id,
                         heads: self.head_sender(id),
                         settings: self.config.channel_settings(&part.channel),
-                    },
-                );
-            }
+                    };
+                    let found = (r.id, r.heads.clone(), r.settings);
+                    resolved.insert(part.channel.clone(), r);
+                    found
+                }
+            };
             // Rights are read at every batch: one removed by an ACL reload applies now.
             self.authorize(identity, Right::Publish, &part.channel)?;
-            let max = resolved[&part.channel].settings.max_message_bytes;
+            let max = settings.max_message_bytes;
             if let Some((i, m)) = part
                 .messages
                 .iter()
@@ -1617,30 +1633,15 @@ impl Broker {
                     ),
                 ));
             }
-        }
-        // Planned and queued under as few state locks as possible: one for the whole
-        // frame, unless a part must first wait for its own earlier copy to become durable
-        // (a resend after a reconnect).
-        struct Planned {
-            id: u64,
-            heads: watch::Sender<u64>,
-            durability: Durability,
-            incoming: Vec<Incoming>,
-            on_disk: u64,
-        }
-        let mut planned = Vec::with_capacity(batch.parts.len());
-        let (mut count, mut bytes) = (0u64, 0u64);
-        for part in batch.parts {
-            let r = &resolved[&part.channel];
             let part_bytes: u64 = part.messages.iter().map(|m| m.payload.len() as u64).sum();
             let on_disk = part_bytes + 64 * part.messages.len() as u64 + 128;
-            self.check_room(r.id, on_disk)?;
+            self.check_room(id, on_disk)?;
             count += part.messages.len() as u64;
             bytes += part_bytes;
             planned.push(Planned {
-                id: r.id,
-                heads: r.heads.clone(),
-                durability: r.settings.durability,
+                id,
+                heads,
+                durability: settings.durability,
                 incoming: part
                     .messages
                     .into_iter()

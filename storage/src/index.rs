@@ -289,31 +289,30 @@ impl Index {
 
     fn insert_one(&self, entry: IndexEntry) -> Result<(), StorageError> {
         let channel = entry.channel_id;
-        let known = self.tails().get(&channel).map(|t| t.last_base);
-        let last_base = match known {
-            Some(last) => last,
-            None => {
-                // First sight since the index opened: continue after what sled holds.
-                let last = self
-                    .last_sled_chunk(channel)?
-                    .and_then(|c| c.last().map(|e| e.base_offset));
-                self.tails().entry(channel).or_default().last_base = last;
-                last
+        // The common case, a known channel's next batch: one lock, one lookup.
+        let appended = {
+            let mut tails = self.tails();
+            match tails.get_mut(&channel) {
+                Some(tail) if tail.last_base.is_none_or(|last| entry.base_offset > last) => {
+                    Some(Self::append(tail, entry))
+                }
+                Some(_) => None,
+                None => {
+                    drop(tails);
+                    // First sight since the index opened: continue after what sled holds.
+                    let last = self
+                        .last_sled_chunk(channel)?
+                        .and_then(|c| c.last().map(|e| e.base_offset));
+                    let mut tails = self.tails();
+                    let tail = tails.entry(channel).or_default();
+                    tail.last_base = last;
+                    last.is_none_or(|last| entry.base_offset > last)
+                        .then(|| Self::append(tail, entry))
+                }
             }
         };
-        if last_base.is_none_or(|last| entry.base_offset > last) {
-            let full = {
-                let mut tails = self.tails();
-                let tail = tails.entry(channel).or_default();
-                if tail.entries.is_empty() {
-                    tail.entries.reserve_exact(CHUNK_ENTRIES);
-                }
-                tail.entries.push(entry);
-                tail.last_base = Some(entry.base_offset);
-                tail.mirrored = false;
-                (tail.entries.len() >= CHUNK_ENTRIES).then(|| tail.entries.clone())
-            };
-            if let Some(chunk) = full {
+        match appended {
+            Some(Some(chunk)) => {
                 // Into sled first, then out of memory: a reader finds it in one or the other.
                 self.chunks
                     .insert(key(channel, chunk[0].base_offset), encode_chunk(&chunk))?;
@@ -322,8 +321,10 @@ impl Index {
                     tail.entries = Vec::new();
                     tail.mirrored = false;
                 }
+                return Ok(());
             }
-            return Ok(());
+            Some(None) => return Ok(()),
+            None => {}
         }
         // An entry at or below the newest one: a compaction copy or a replay of what sled
         // already holds. Replace it where it lives.
@@ -362,6 +363,17 @@ impl Index {
             }
         }
         Ok(())
+    }
+
+    /// Appends to a channel's open chunk; answers the chunk once it is full.
+    fn append(tail: &mut Tail, entry: IndexEntry) -> Option<Vec<IndexEntry>> {
+        if tail.entries.is_empty() {
+            tail.entries.reserve_exact(CHUNK_ENTRIES);
+        }
+        tail.entries.push(entry);
+        tail.last_base = Some(entry.base_offset);
+        tail.mirrored = false;
+        (tail.entries.len() >= CHUNK_ENTRIES).then(|| tail.entries.clone())
     }
 
     /// The channel's batches in base offset order, starting with the last one whose base

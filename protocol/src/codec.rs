@@ -282,8 +282,52 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) {
 /// are copied into the header chunk; large ones are passed as their own [`Bytes`] so a
 /// 64 MiB message is never copied on its way to the socket.
 pub fn encode_chunks(frame: &Frame, out: &mut Vec<Bytes>) {
-    let mut buf = BytesMut::new();
+    // Sized once for the header, the meta and the payloads copied in: growing by doubling
+    // recopied a 2 MiB delivery ~20 times over (2% of the broker's CPU in catch-up).
+    let mut buf = BytesMut::with_capacity(coalesced_estimate(frame));
     encode_inner(frame, &mut buf, out, COALESCE_BELOW);
+}
+
+/// Roughly the bytes [`encode_chunks`] puts in its own buffer: header, meta (a generous
+/// 64 bytes per message plus headers), and the payloads small enough to be copied.
+fn coalesced_estimate(frame: &Frame) -> usize {
+    let sized = |payload: &Bytes, headers: &Headers| {
+        let copied = if payload.len() < COALESCE_BELOW {
+            payload.len()
+        } else {
+            0
+        };
+        64 + copied
+            + headers
+                .iter()
+                .map(|(k, v)| 16 + k.len() + v.len())
+                .sum::<usize>()
+    };
+    let body: usize = match frame {
+        Frame::PublishBatch(b) => b
+            .messages
+            .iter()
+            .map(|m| sized(&m.payload, &m.headers))
+            .sum(),
+        Frame::PublishMulti(b) => b
+            .parts
+            .iter()
+            .map(|p| {
+                32 + p.channel.len()
+                    + p.messages
+                        .iter()
+                        .map(|m| sized(&m.payload, &m.headers))
+                        .sum::<usize>()
+            })
+            .sum(),
+        Frame::Deliver(d) => d
+            .messages
+            .iter()
+            .map(|m| sized(&m.payload, &m.headers))
+            .sum(),
+        _ => 0,
+    };
+    HEADER_LEN + 256 + body
 }
 
 fn encode_inner(frame: &Frame, dst: &mut BytesMut, out: &mut Vec<Bytes>, coalesce_below: usize) {

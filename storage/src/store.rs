@@ -251,6 +251,7 @@ impl Store {
             sync_by: None,
             last_checkpoint: Instant::now(),
             since_checkpoint: 0,
+            index_failed: false,
             cache_dropped_to: 0,
             synced_to: len,
             old_tail: None,
@@ -898,6 +899,8 @@ struct Writer {
     sync_by: Option<Instant>,
     last_checkpoint: Instant,
     since_checkpoint: u64,
+    /// An index insert failed: checkpoints stop, so the next start indexes from the last.
+    index_failed: bool,
     /// The active segment's page cache is dropped below this position.
     cache_dropped_to: u64,
     /// The active segment's length at its last fdatasync.
@@ -1103,7 +1106,9 @@ impl Writer {
             }
         }
         if let Err(e) = self.shared.index.insert_all(&entries) {
-            tracing::error!(error = %e, "index insert failed; the next start rebuilds it");
+            // No checkpoint may follow: it would let the next start skip indexing these.
+            self.index_failed = true;
+            tracing::error!(error = %e, "index insert failed; no more checkpoints, the next start indexes from the last one");
         }
         {
             let mut state = self.shared.state.lock().expect("state lock");
@@ -1221,6 +1226,9 @@ impl Writer {
             // Bytes of the failed group may sit in the file unapplied; a checkpoint past
             // them would hide them from the next recovery's replay.
             return Err(StorageError::Poisoned);
+        }
+        if self.index_failed {
+            return Ok(());
         }
         let started = Instant::now();
         let state = self.shared.state.lock().expect("state lock").snapshot();

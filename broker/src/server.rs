@@ -1574,7 +1574,7 @@ impl Broker {
             on_disk: u64,
         }
         let mut planned = Vec::with_capacity(batch.parts.len());
-        let (mut count, mut bytes) = (0u64, 0u64);
+        let (mut count, mut bytes, mut frame_on_disk) = (0u64, 0u64, 0u64);
         // Every check that can refuse a part runs here, before anything is queued.
         for part in batch.parts {
             let (id, heads, settings) = match resolved.get(&part.channel) {
@@ -1635,7 +1635,9 @@ impl Broker {
             }
             let part_bytes: u64 = part.messages.iter().map(|m| m.payload.len() as u64).sum();
             let on_disk = part_bytes + 64 * part.messages.len() as u64 + 128;
-            self.check_room(id, on_disk)?;
+            // The disk budget is checked against the whole frame so far, not part by part.
+            frame_on_disk += on_disk;
+            self.check_room(id, frame_on_disk)?;
             count += part.messages.len() as u64;
             bytes += part_bytes;
             planned.push(Planned {
@@ -1676,6 +1678,24 @@ impl Broker {
                         ErrorCode::STORAGE_ERROR,
                         "a write failed on the broker; reopen the stream and resend unacknowledged batches",
                     ));
+                }
+                // A channel deleted since the stream resolved it refuses the frame before
+                // any part is planned (the state lock keeps it so until the append).
+                if let Some(p) = planned[next..]
+                    .iter()
+                    .find(|p| txn.state().channel(p.id).is_none_or(|c| c.deleting))
+                {
+                    let r = Refusal::new(
+                        ErrorCode::CHANNEL_NOT_FOUND,
+                        format!("channel #{} was deleted", p.id),
+                    );
+                    if durables.is_empty() && next == 0 {
+                        return Err(r);
+                    }
+                    // Only after a part waited for its own earlier copy: the parts before
+                    // it are queued; a retryable refusal makes the client resend them, and
+                    // they come back as duplicates.
+                    return Err(Refusal::new(ErrorCode::STORAGE_ERROR, r.message));
                 }
                 while let Some(p) = planned.get_mut(next) {
                     let incoming = std::mem::take(&mut p.incoming);

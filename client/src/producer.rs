@@ -208,6 +208,8 @@ pub struct MultiProducer {
     /// Per registered channel, the next sequence.
     next: Mutex<HashMap<Arc<str>, u64>>,
     max_message_bytes: u64,
+    /// `ProducerOptions::create_channel`.
+    create: bool,
 }
 
 impl MultiProducer {
@@ -220,9 +222,10 @@ impl MultiProducer {
             code: ErrorCode::INVALID_NAME,
             message: format!("invalid producer id {producer_id:?}: {e}"),
         })?;
+        let create = options.create_channel;
         let open = Mode::Multi(proto::OpenPublishMulti {
             producer_id: producer_id.to_owned(),
-            create: options.create_channel,
+            create,
         });
         let (tx, (_, max_message_bytes)) = Task::spawn(client.clone(), open, options).await?;
         Ok(MultiProducer {
@@ -231,6 +234,7 @@ impl MultiProducer {
             tx,
             next: Mutex::new(HashMap::new()),
             max_message_bytes,
+            create,
         })
     }
 
@@ -260,8 +264,9 @@ impl MultiProducer {
         })?;
         let last = match self.client.last_sequence(channel, &self.producer_id).await {
             Ok(last) => last,
-            // Created by its first message (unless creation is off: then that fails).
-            Err(e) if e.code() == Some(ErrorCode::CHANNEL_NOT_FOUND) => None,
+            // Created by its first message, when creation is on; otherwise refused here,
+            // before its first message could make a whole shared frame fail.
+            Err(e) if e.code() == Some(ErrorCode::CHANNEL_NOT_FOUND) && self.create => None,
             Err(e) => return Err(e),
         };
         let name: Arc<str> = Arc::from(channel);

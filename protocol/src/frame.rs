@@ -272,7 +272,6 @@ pub struct PublishAck {
     pub duplicates: Vec<DuplicateAck>,
 }
 
-/// Opens a consume stream for one durable consumer on one channel.
 /// Opens a publish stream that carries batches for any number of channels as one
 /// producer id: one frame and one ack for many channels' batches (§4.2.1).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -289,7 +288,8 @@ pub struct ChannelBatch {
     pub messages: Vec<PublishMessage>,
 }
 
-/// Batches for several channels; at most one part per channel.
+/// Batches for several channels, appended part after part (a channel may have several
+/// parts; the client library sends one).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublishMulti {
     pub batch_id: u64,
@@ -311,6 +311,7 @@ pub struct PublishMultiAck {
     pub parts: Vec<PartAck>,
 }
 
+/// Opens a consume stream for one durable consumer on one channel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Subscribe {
     pub channel: String,

@@ -212,6 +212,41 @@ async fn a_frame_with_a_bad_part_is_refused_whole_and_appends_nothing() -> Resul
         stored == 0,
         "{stored} messages of refused frames were stored"
     );
+    // A channel deleted after the stream first used it refuses the next frame whole.
+    let (send, recv) = conn.open_bi().await?;
+    let mut w = FrameWriter::new(send);
+    let mut r = FrameReader::new(recv, 1 << 30);
+    w.write(&Frame::OpenPublishMulti(proto::OpenPublishMulti {
+        producer_id: "raw2".into(),
+        create: true,
+    }))
+    .await?;
+    ensure!(matches!(r.next().await?, Some(Frame::PublishOpened(_))));
+    w.write(&Frame::PublishMulti(proto::PublishMulti {
+        batch_id: 1,
+        parts: vec![part("multi/doomed", vec![message(1, 10)])],
+    }))
+    .await?;
+    ensure!(
+        matches!(r.next().await?, Some(Frame::PublishMultiAck(_))),
+        "the first frame is stored"
+    );
+    c.delete_channel("multi/doomed").await?;
+    w.write(&Frame::PublishMulti(proto::PublishMulti {
+        batch_id: 2,
+        parts: vec![
+            part("multi/a", vec![message(100, 10)]),
+            part("multi/doomed", vec![message(2, 10)]),
+        ],
+    }))
+    .await?;
+    match r.next().await? {
+        Some(Frame::Error(e)) => ensure!(
+            e.code == ErrorCode::CHANNEL_NOT_FOUND && e.request_id == 2,
+            "{e:?}"
+        ),
+        other => bail!("expected CHANNEL_NOT_FOUND, got {other:?}"),
+    }
     // A multi-channel stream takes only PublishMulti frames.
     let (send, recv) = conn.open_bi().await?;
     let mut w = FrameWriter::new(send);
@@ -244,10 +279,12 @@ async fn a_frame_with_a_bad_part_is_refused_whole_and_appends_nothing() -> Resul
         Some(Frame::Error(e)) => ensure!(e.code == ErrorCode::INVALID_NAME, "{e:?}"),
         other => bail!("expected INVALID_NAME, got {other:?}"),
     }
-    // And the broker still serves.
+    // And the broker still serves. The first message stored on multi/a gets offset 0:
+    // no part of any refused frame above was appended there, not even one queued behind
+    // the checks (which a read of the durable head alone could miss).
     let multi = c.multi_producer("fine", ProducerOptions::default()).await?;
     let receipt = multi.send("multi/a", "ok").await?;
-    ensure!(receipt.offset == Some(0));
+    ensure!(receipt.offset == Some(0), "{receipt:?}");
     c.close().await;
     running.shutdown().await;
     Ok(())

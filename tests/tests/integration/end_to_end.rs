@@ -203,9 +203,15 @@ async fn run_all(
             }));
         }
     }
+    // Every connection is made before the first message is acked: crash tests kill the
+    // broker at ack counts, and a kill during a connection attempt would fail the set-up
+    // (an initial connect is not retried), not test the crash.
+    let mut clients = Vec::new();
+    for _ in 0..PRODUCERS {
+        clients.push(client(addr, data).await?);
+    }
     let mut producers = Vec::new();
-    for p in 0..PRODUCERS {
-        let client = client(addr, data).await?;
+    for (p, client) in (0..PRODUCERS).zip(clients) {
         let acked = acked.clone();
         producers.push(tokio::spawn(async move {
             produce(client, p, load.per_channel, size, acked).await

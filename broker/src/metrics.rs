@@ -24,7 +24,7 @@ pub const DELIVERED_BYTES: &str = "directmq_delivered_bytes_total";
 /// Refused operations, labelled `op` (connect, request, publish, consume, commit) and
 /// `code` (the stable error code name).
 pub const REFUSED: &str = "directmq_refused_total";
-/// Messages per publish batch.
+/// Messages per publish batch (a multi-channel frame counts once).
 pub const BATCH_MESSAGES: &str = "directmq_publish_batch_messages";
 /// From a batch read off the stream to its ack being sent (after the fsync).
 pub const ACK_SECONDS: &str = "directmq_publish_ack_seconds";

@@ -1388,42 +1388,14 @@ impl Broker {
         let settings = self.config.channel_settings(&open.channel);
         let mut shutdown = self.shutdown.subscribe();
         loop {
-            let frame = tokio::select! {
-                f = reader.next() => f,
-                _ = shutdown.changed() => {
-                    let _ = acks.send(Box::new(Ack::Refused(0, Refusal::new(ErrorCode::SHUTTING_DOWN, "the broker is shutting down; retry")))).await;
+            let batch = match next_publish_frame(&mut reader, &mut shutdown).await {
+                Ok(Frame::PublishBatch(batch)) => batch,
+                other => {
+                    if let Some(r) = refusal_for(other, "PublishBatch") {
+                        let _ = acks.send(Box::new(Ack::Refused(0, r))).await;
+                    }
                     break;
                 }
-            };
-            let batch = match frame {
-                Ok(Some(Frame::PublishBatch(batch))) => batch,
-                Ok(None) => break,
-                Ok(Some(other)) => {
-                    let r = Refusal::new(
-                        ErrorCode::UNEXPECTED_FRAME,
-                        format!("expected PublishBatch, got {}", other.name()),
-                    );
-                    let _ = acks.send(Box::new(Ack::Refused(0, r))).await;
-                    break;
-                }
-                Err(StreamError::Decode(e)) => {
-                    metrics::counter!(m::PROTOCOL_ERRORS, "code" => e.code().name()).increment(1);
-                    let _ = acks
-                        .send(Box::new(Ack::Refused(
-                            0,
-                            Refusal::new(e.code(), e.to_string()),
-                        )))
-                        .await;
-                    break;
-                }
-                Err(e @ StreamError::SlowFrame(_)) => {
-                    // A sender that starts a frame and stalls holds no more of the broker.
-                    metrics::counter!(m::PROTOCOL_ERRORS, "code" => "FRAME_TIMEOUT").increment(1);
-                    let r = Refusal::new(ErrorCode::FRAME_TIMEOUT, e.to_string());
-                    let _ = acks.send(Box::new(Ack::Refused(0, r))).await;
-                    break;
-                }
-                Err(_) => break,
             };
             let batch_id = batch.batch_id;
             // Rights are read at every batch: one removed by an ACL reload applies now.
@@ -1499,37 +1471,14 @@ impl Broker {
         let mut resolved: HashMap<String, Resolved> = HashMap::new();
         let mut shutdown = self.shutdown.subscribe();
         loop {
-            let frame = tokio::select! {
-                f = reader.next() => f,
-                _ = shutdown.changed() => {
-                    let _ = acks.send(Box::new(Ack::Refused(0, Refusal::new(ErrorCode::SHUTTING_DOWN, "the broker is shutting down; retry")))).await;
+            let batch = match next_publish_frame(&mut reader, &mut shutdown).await {
+                Ok(Frame::PublishMulti(batch)) => batch,
+                other => {
+                    if let Some(r) = refusal_for(other, "PublishMulti") {
+                        let _ = acks.send(Box::new(Ack::Refused(0, r))).await;
+                    }
                     break;
                 }
-            };
-            let batch = match frame {
-                Ok(Some(Frame::PublishMulti(batch))) => batch,
-                Ok(None) => break,
-                Ok(Some(other)) => {
-                    let r = Refusal::new(
-                        ErrorCode::UNEXPECTED_FRAME,
-                        format!("expected PublishMulti, got {}", other.name()),
-                    );
-                    let _ = acks.send(Box::new(Ack::Refused(0, r))).await;
-                    break;
-                }
-                Err(StreamError::Decode(e)) => {
-                    metrics::counter!(m::PROTOCOL_ERRORS, "code" => e.code().name()).increment(1);
-                    let r = Refusal::new(e.code(), e.to_string());
-                    let _ = acks.send(Box::new(Ack::Refused(0, r))).await;
-                    break;
-                }
-                Err(e @ StreamError::SlowFrame(_)) => {
-                    metrics::counter!(m::PROTOCOL_ERRORS, "code" => "FRAME_TIMEOUT").increment(1);
-                    let r = Refusal::new(ErrorCode::FRAME_TIMEOUT, e.to_string());
-                    let _ = acks.send(Box::new(Ack::Refused(0, r))).await;
-                    break;
-                }
-                Err(_) => break,
             };
             let batch_id = batch.batch_id;
             match self
@@ -2453,6 +2402,46 @@ struct Resolved {
     id: u64,
     heads: watch::Sender<u64>,
     settings: ChannelSettings,
+}
+
+/// The next frame of a publish stream: `Err(None)` when the stream ended (or broke) with
+/// nothing to answer, `Err(Some(refusal))` when the peer must be told why it ends: a
+/// decode error, a frame that stalled, a broker shutting down.
+async fn next_publish_frame(
+    reader: &mut FrameReader,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Frame, Option<Refusal>> {
+    let frame = tokio::select! {
+        f = reader.next() => f,
+        _ = shutdown.changed() => {
+            return Err(Some(Refusal::new(ErrorCode::SHUTTING_DOWN, "the broker is shutting down; retry")));
+        }
+    };
+    match frame {
+        Ok(Some(frame)) => Ok(frame),
+        Ok(None) => Err(None),
+        Err(StreamError::Decode(e)) => {
+            metrics::counter!(m::PROTOCOL_ERRORS, "code" => e.code().name()).increment(1);
+            Err(Some(Refusal::new(e.code(), e.to_string())))
+        }
+        Err(e @ StreamError::SlowFrame(_)) => {
+            // A sender that starts a frame and stalls holds no more of the broker.
+            metrics::counter!(m::PROTOCOL_ERRORS, "code" => "FRAME_TIMEOUT").increment(1);
+            Err(Some(Refusal::new(ErrorCode::FRAME_TIMEOUT, e.to_string())))
+        }
+        Err(_) => Err(None),
+    }
+}
+
+/// What ends a publish stream that did not get the `expected` frame kind.
+fn refusal_for(got: Result<Frame, Option<Refusal>>, expected: &str) -> Option<Refusal> {
+    match got {
+        Ok(other) => Some(Refusal::new(
+            ErrorCode::UNEXPECTED_FRAME,
+            format!("expected {expected}, got {}", other.name()),
+        )),
+        Err(end) => end,
+    }
 }
 
 /// The error frame for a batch whose append failed in storage.

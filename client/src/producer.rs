@@ -164,33 +164,20 @@ impl Producer {
         headers: Headers,
         payload: Bytes,
     ) -> Result<PendingAck, Error> {
-        if payload.len() as u64 > self.max_message_bytes {
-            return Err(Error::MessageTooLarge {
-                size: payload.len() as u64,
-                max: self.max_message_bytes,
-            });
-        }
-        let (waiter, ack) = oneshot::channel();
-        let message = PublishMessage {
+        queue(
+            &self.tx,
+            self.max_message_bytes,
+            None,
             sequence,
             headers,
             payload,
-        };
-        self.tx
-            .send(Cmd::Publish(None, message, waiter))
-            .await
-            .map_err(|_| Error::Closed)?;
-        Ok(PendingAck(ack))
+        )
+        .await
     }
 
     /// Waits until every message queued so far is acknowledged (or failed).
     pub async fn flush(&self) -> Result<(), Error> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Cmd::Flush(tx))
-            .await
-            .map_err(|_| Error::Closed)?;
-        rx.await.map_err(|_| Error::Closed)
+        flush(&self.tx).await
     }
 }
 
@@ -322,34 +309,48 @@ impl MultiProducer {
         headers: Headers,
         payload: Bytes,
     ) -> Result<PendingAck, Error> {
-        if payload.len() as u64 > self.max_message_bytes {
-            return Err(Error::MessageTooLarge {
-                size: payload.len() as u64,
-                max: self.max_message_bytes,
-            });
-        }
-        let (waiter, ack) = oneshot::channel();
-        let message = PublishMessage {
-            sequence,
-            headers,
-            payload,
-        };
-        self.tx
-            .send(Cmd::Publish(Some(channel), message, waiter))
-            .await
-            .map_err(|_| Error::Closed)?;
-        Ok(PendingAck(ack))
+        let max = self.max_message_bytes;
+        queue(&self.tx, max, Some(channel), sequence, headers, payload).await
     }
 
     /// Waits until every message queued so far is acknowledged (or failed).
     pub async fn flush(&self) -> Result<(), Error> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Cmd::Flush(tx))
-            .await
-            .map_err(|_| Error::Closed)?;
-        rx.await.map_err(|_| Error::Closed)
+        flush(&self.tx).await
     }
+}
+
+/// Hands a message to a producer task; its ack resolves the returned future.
+async fn queue(
+    tx: &mpsc::Sender<Cmd>,
+    max_message_bytes: u64,
+    channel: Option<Arc<str>>,
+    sequence: u64,
+    headers: Headers,
+    payload: Bytes,
+) -> Result<PendingAck, Error> {
+    if payload.len() as u64 > max_message_bytes {
+        return Err(Error::MessageTooLarge {
+            size: payload.len() as u64,
+            max: max_message_bytes,
+        });
+    }
+    let (waiter, ack) = oneshot::channel();
+    let message = PublishMessage {
+        sequence,
+        headers,
+        payload,
+    };
+    tx.send(Cmd::Publish(channel, message, waiter))
+        .await
+        .map_err(|_| Error::Closed)?;
+    Ok(PendingAck(ack))
+}
+
+/// Resolves once a producer task has everything queued before acknowledged (or failed).
+async fn flush(tx: &mpsc::Sender<Cmd>) -> Result<(), Error> {
+    let (done, rx) = oneshot::channel();
+    tx.send(Cmd::Flush(done)).await.map_err(|_| Error::Closed)?;
+    rx.await.map_err(|_| Error::Closed)
 }
 
 struct Stream {

@@ -1399,35 +1399,22 @@ impl Broker {
             };
             let batch_id = batch.batch_id;
             // Rights are read at every batch: one removed by an ACL reload applies now.
-            if let Err(r) = self.authorize(&identity, Right::Publish, &open.channel) {
-                metrics::counter!(m::REFUSED, "op" => "publish", "code" => r.code.name())
-                    .increment(1);
-                let _ = acks.send(Box::new(Ack::Refused(batch_id, r))).await;
+            let planned = match self.authorize(&identity, Right::Publish, &open.channel) {
+                Err(r) => Err(r),
+                Ok(()) => {
+                    self.plan_batch(
+                        channel_id,
+                        &open.producer_id,
+                        epoch,
+                        batch,
+                        &heads,
+                        settings,
+                    )
+                    .await
+                }
+            };
+            if !answer(&acks, batch_id, planned).await {
                 break;
-            }
-            match self
-                .plan_batch(
-                    channel_id,
-                    &open.producer_id,
-                    epoch,
-                    batch,
-                    &heads,
-                    settings,
-                )
-                .await
-            {
-                Ok(ack) => {
-                    if acks.send(Box::new(ack)).await.is_err() {
-                        break;
-                    }
-                }
-                Err(r) => {
-                    metrics::counter!(m::REFUSED, "op" => "publish", "code" => r.code.name())
-                        .increment(1);
-                    // Nothing after a refused batch is processed on this stream (§4.2).
-                    let _ = acks.send(Box::new(Ack::Refused(batch_id, r))).await;
-                    break;
-                }
             }
         }
         drop(acks);
@@ -1481,21 +1468,11 @@ impl Broker {
                 }
             };
             let batch_id = batch.batch_id;
-            match self
+            let planned = self
                 .plan_multi(&identity, &open, epoch, batch, &mut resolved)
-                .await
-            {
-                Ok(ack) => {
-                    if acks.send(Box::new(ack)).await.is_err() {
-                        break;
-                    }
-                }
-                Err(r) => {
-                    metrics::counter!(m::REFUSED, "op" => "publish", "code" => r.code.name())
-                        .increment(1);
-                    let _ = acks.send(Box::new(Ack::Refused(batch_id, r))).await;
-                    break;
-                }
+                .await;
+            if !answer(&acks, batch_id, planned).await {
+                break;
             }
         }
         drop(acks);
@@ -2430,6 +2407,24 @@ async fn next_publish_frame(
             Err(Some(Refusal::new(ErrorCode::FRAME_TIMEOUT, e.to_string())))
         }
         Err(_) => Err(None),
+    }
+}
+
+/// Queues the answer to a batch for the ack writer; false once the stream must end: the
+/// batch was refused (nothing after it is processed on the stream, §4.2) or the writer is
+/// gone.
+async fn answer(
+    acks: &mpsc::Sender<Box<Ack>>,
+    batch_id: u64,
+    planned: Result<Ack, Refusal>,
+) -> bool {
+    match planned {
+        Ok(ack) => acks.send(Box::new(ack)).await.is_ok(),
+        Err(r) => {
+            metrics::counter!(m::REFUSED, "op" => "publish", "code" => r.code.name()).increment(1);
+            let _ = acks.send(Box::new(Ack::Refused(batch_id, r))).await;
+            false
+        }
     }
 }
 

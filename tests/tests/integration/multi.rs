@@ -139,6 +139,25 @@ async fn one_stream_publishes_many_channels_in_order_and_exactly_once_across_a_s
     Ok(())
 }
 
+/// Opens a multi-channel publish stream by hand, as `producer_id`.
+async fn open_multi(
+    conn: &quinn::Connection,
+    producer_id: &str,
+) -> Result<(FrameWriter, FrameReader)> {
+    let (send, recv) = conn.open_bi().await?;
+    let mut w = FrameWriter::new(send);
+    let mut r = FrameReader::new(recv, 1 << 30);
+    w.write(&Frame::OpenPublishMulti(proto::OpenPublishMulti {
+        producer_id: producer_id.into(),
+        create: true,
+    }))
+    .await?;
+    match r.next().await? {
+        Some(Frame::PublishOpened(_)) => Ok((w, r)),
+        other => bail!("expected PublishOpened, got {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frame_with_a_bad_part_is_refused_whole_and_appends_nothing() -> Result<()> {
     directmq_tests::init_logging();
@@ -175,15 +194,7 @@ async fn a_frame_with_a_bad_part_is_refused_whole_and_appends_nothing() -> Resul
         ),
     ];
     for (batch_id, (bad, code)) in (1u64..).zip(cases) {
-        let (send, recv) = conn.open_bi().await?;
-        let mut w = FrameWriter::new(send);
-        let mut r = FrameReader::new(recv, 1 << 30);
-        w.write(&Frame::OpenPublishMulti(proto::OpenPublishMulti {
-            producer_id: "raw".into(),
-            create: true,
-        }))
-        .await?;
-        ensure!(matches!(r.next().await?, Some(Frame::PublishOpened(_))));
+        let (mut w, mut r) = open_multi(&conn, "raw").await?;
         w.write(&Frame::PublishMulti(proto::PublishMulti {
             batch_id,
             parts: vec![part("multi/a", vec![message(batch_id, 10)]), bad],
@@ -213,15 +224,7 @@ async fn a_frame_with_a_bad_part_is_refused_whole_and_appends_nothing() -> Resul
         "{stored} messages of refused frames were stored"
     );
     // A channel deleted after the stream first used it refuses the next frame whole.
-    let (send, recv) = conn.open_bi().await?;
-    let mut w = FrameWriter::new(send);
-    let mut r = FrameReader::new(recv, 1 << 30);
-    w.write(&Frame::OpenPublishMulti(proto::OpenPublishMulti {
-        producer_id: "raw2".into(),
-        create: true,
-    }))
-    .await?;
-    ensure!(matches!(r.next().await?, Some(Frame::PublishOpened(_))));
+    let (mut w, mut r) = open_multi(&conn, "raw2").await?;
     w.write(&Frame::PublishMulti(proto::PublishMulti {
         batch_id: 1,
         parts: vec![part("multi/doomed", vec![message(1, 10)])],
@@ -248,15 +251,7 @@ async fn a_frame_with_a_bad_part_is_refused_whole_and_appends_nothing() -> Resul
         other => bail!("expected CHANNEL_NOT_FOUND, got {other:?}"),
     }
     // A multi-channel stream takes only PublishMulti frames.
-    let (send, recv) = conn.open_bi().await?;
-    let mut w = FrameWriter::new(send);
-    let mut r = FrameReader::new(recv, 1 << 30);
-    w.write(&Frame::OpenPublishMulti(proto::OpenPublishMulti {
-        producer_id: "raw".into(),
-        create: true,
-    }))
-    .await?;
-    ensure!(matches!(r.next().await?, Some(Frame::PublishOpened(_))));
+    let (mut w, mut r) = open_multi(&conn, "raw").await?;
     w.write(&Frame::PublishBatch(proto::PublishBatch {
         batch_id: 9,
         messages: vec![message(1, 10)],

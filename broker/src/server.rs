@@ -1236,6 +1236,32 @@ impl Broker {
         warn!(channel = %name, dropped, from = floor, to = target, "drop-oldest: dropped unconsumed messages to stay within the channel's bounds");
     }
 
+    /// The completion of an append that reserved `reserved` bytes of the disk budget:
+    /// it releases them and, once the data is durable, moves each channel's head to its
+    /// end (consumers waiting there wake), then answers `tx`.
+    fn completion(
+        &self,
+        reserved: u64,
+        moved: Vec<(watch::Sender<u64>, u64)>,
+        tx: oneshot::Sender<Result<(), Arc<StorageError>>>,
+    ) -> directmq_storage::Done {
+        let reserved_bytes = self.reserved_bytes.clone();
+        reserved_bytes.fetch_add(reserved, Ordering::AcqRel);
+        Box::new(move |r| {
+            reserved_bytes.fetch_sub(reserved, Ordering::AcqRel);
+            if r.is_ok() {
+                for (heads, end) in moved {
+                    heads.send_if_modified(|h| {
+                        let moves = end > *h;
+                        *h = (*h).max(end);
+                        moves
+                    });
+                }
+            }
+            let _ = tx.send(r);
+        })
+    }
+
     /// Whether a batch of `bytes` to `channel_id` may be appended under the bounds.
     fn check_room(&self, channel_id: u64, bytes: u64) -> Result<(), Refusal> {
         let full = |why: String| {
@@ -1530,22 +1556,7 @@ impl Broker {
             };
             // Rights are read at every batch: one removed by an ACL reload applies now.
             self.authorize(identity, Right::Publish, &part.channel)?;
-            let max = settings.max_message_bytes;
-            if let Some((i, m)) = part
-                .messages
-                .iter()
-                .enumerate()
-                .find(|(_, m)| m.payload.len() as u64 > max)
-            {
-                return Err(Refusal::new(
-                    ErrorCode::MESSAGE_TOO_LARGE,
-                    format!(
-                        "message {i} for channel {:?} has {} bytes; max_message_bytes is {max}",
-                        part.channel,
-                        m.payload.len()
-                    ),
-                ));
-            }
+            check_sizes(&part.messages, settings.max_message_bytes, &part.channel)?;
             if part
                 .messages
                 .windows(2)
@@ -1560,7 +1571,7 @@ impl Broker {
                 ));
             }
             let part_bytes: u64 = part.messages.iter().map(|m| m.payload.len() as u64).sum();
-            let on_disk = part_bytes + 64 * part.messages.len() as u64 + 128;
+            let on_disk = on_disk(part_bytes, part.messages.len() as u64);
             // The disk budget is checked against the whole frame so far, not part by part.
             frame_on_disk += on_disk;
             self.check_room(id, frame_on_disk)?;
@@ -1570,17 +1581,7 @@ impl Broker {
                 id,
                 heads,
                 durability: settings.durability,
-                incoming: part
-                    .messages
-                    .into_iter()
-                    .map(|m| Incoming {
-                        sequence: m.sequence,
-                        message: StoredMessage {
-                            headers: m.headers,
-                            payload: m.payload,
-                        },
-                    })
-                    .collect(),
+                incoming: incoming(part.messages),
                 on_disk,
             });
         }
@@ -1670,21 +1671,7 @@ impl Broker {
                         }
                     }
                 }
-                let reserved_bytes = self.reserved_bytes.clone();
-                reserved_bytes.fetch_add(reserved, Ordering::AcqRel);
-                let done: directmq_storage::Done = Box::new(move |r| {
-                    reserved_bytes.fetch_sub(reserved, Ordering::AcqRel);
-                    if r.is_ok() {
-                        for (heads, end) in moved {
-                            heads.send_if_modified(|h| {
-                                let moves = end > *h;
-                                *h = (*h).max(end);
-                                moves
-                            });
-                        }
-                    }
-                    let _ = tx.send(r);
-                });
+                let done = self.completion(reserved, moved, tx);
                 // With no record: a barrier, done once what is queued before is durable.
                 if let Err(e) =
                     txn.append_with(records, durability.unwrap_or(Durability::Fsync), done)
@@ -1795,39 +1782,14 @@ impl Broker {
         heads: &watch::Sender<u64>,
         settings: ChannelSettings,
     ) -> Result<Ack, Refusal> {
-        let max = settings.max_message_bytes;
-        if let Some((i, m)) = batch
-            .messages
-            .iter()
-            .enumerate()
-            .find(|(_, m)| m.payload.len() as u64 > max)
-        {
-            return Err(Refusal::new(
-                ErrorCode::MESSAGE_TOO_LARGE,
-                format!(
-                    "message {i} of the batch has {} bytes; max_message_bytes is {max}",
-                    m.payload.len()
-                ),
-            ));
-        }
+        check_sizes(&batch.messages, settings.max_message_bytes, "the batch")?;
         let received = Instant::now();
         let count = batch.messages.len() as u64;
         let bytes: u64 = batch.messages.iter().map(|m| m.payload.len() as u64).sum();
         metrics::histogram!(m::BATCH_MESSAGES).record(count as f64);
-        // What the batch takes on disk, roughly: payloads plus record framing.
-        let on_disk = bytes + 64 * count + 128;
+        let on_disk = on_disk(bytes, count);
         self.check_room(channel_id, on_disk)?;
-        let mut incoming: Vec<Incoming> = batch
-            .messages
-            .into_iter()
-            .map(|m| Incoming {
-                sequence: m.sequence,
-                message: StoredMessage {
-                    headers: m.headers,
-                    payload: m.payload,
-                },
-            })
-            .collect();
+        let mut incoming = incoming(batch.messages);
         loop {
             let (tx, rx) = oneshot::channel();
             let decision = {
@@ -1851,20 +1813,7 @@ impl Broker {
                 } = &mut decision
                 {
                     let end = *first_offset + u64::from(*appended);
-                    let heads = heads.clone();
-                    let reserved = self.reserved_bytes.clone();
-                    reserved.fetch_add(on_disk, Ordering::AcqRel);
-                    let done: directmq_storage::Done = Box::new(move |r| {
-                        reserved.fetch_sub(on_disk, Ordering::AcqRel);
-                        if r.is_ok() {
-                            heads.send_if_modified(|h| {
-                                let moved = end > *h;
-                                *h = (*h).max(end);
-                                moved
-                            });
-                        }
-                        let _ = tx.send(r);
-                    });
+                    let done = self.completion(on_disk, vec![(heads.clone(), end)], tx);
                     // No record: a barrier, acked once what is queued before is durable.
                     if let Err(e) = txn.append_with(
                         record.take().into_iter().collect(),
@@ -2379,6 +2328,43 @@ struct Resolved {
     id: u64,
     heads: watch::Sender<u64>,
     settings: ChannelSettings,
+}
+
+/// Refuses a batch holding a message over `max` bytes; `what` names it in the message.
+fn check_sizes(messages: &[proto::PublishMessage], max: u64, what: &str) -> Result<(), Refusal> {
+    match messages
+        .iter()
+        .enumerate()
+        .find(|(_, m)| m.payload.len() as u64 > max)
+    {
+        Some((i, m)) => Err(Refusal::new(
+            ErrorCode::MESSAGE_TOO_LARGE,
+            format!(
+                "message {i} of {what} has {} bytes; max_message_bytes is {max}",
+                m.payload.len()
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// What a batch takes on disk, roughly: payloads plus record framing.
+fn on_disk(payload_bytes: u64, messages: u64) -> u64 {
+    payload_bytes + 64 * messages + 128
+}
+
+/// Wire messages as the engine plans them.
+fn incoming(messages: Vec<proto::PublishMessage>) -> Vec<Incoming> {
+    messages
+        .into_iter()
+        .map(|m| Incoming {
+            sequence: m.sequence,
+            message: StoredMessage {
+                headers: m.headers,
+                payload: m.payload,
+            },
+        })
+        .collect()
 }
 
 /// The next frame of a publish stream: `Err(None)` when the stream ended (or broke) with

@@ -186,15 +186,7 @@ pub fn decode(buf: &mut BytesMut, max_frame_bytes: u64) -> Result<Option<Frame>,
             let m: PublishBatchMeta = meta_of(name, &meta)?;
             let lens = m.messages.iter().map(|e| e.len);
             let mut payloads = split_payloads(name, lens, data)?.into_iter();
-            let messages = m
-                .messages
-                .into_iter()
-                .map(|e| PublishMessage {
-                    sequence: e.sequence,
-                    headers: e.headers,
-                    payload: payloads.next().unwrap_or_default(),
-                })
-                .collect();
+            let messages = publish_messages(m.messages, &mut payloads);
             Ok(Some(Frame::PublishBatch(PublishBatch {
                 batch_id: m.batch_id,
                 messages,
@@ -212,15 +204,7 @@ pub fn decode(buf: &mut BytesMut, max_frame_bytes: u64) -> Result<Option<Frame>,
                 .into_iter()
                 .map(|p| ChannelBatch {
                     channel: p.channel,
-                    messages: p
-                        .messages
-                        .into_iter()
-                        .map(|e| PublishMessage {
-                            sequence: e.sequence,
-                            headers: e.headers,
-                            payload: payloads.next().unwrap_or_default(),
-                        })
-                        .collect(),
+                    messages: publish_messages(p.messages, &mut payloads),
                 })
                 .collect();
             Ok(Some(Frame::PublishMulti(PublishMulti {
@@ -359,15 +343,7 @@ fn encode_inner(frame: &Frame, dst: &mut BytesMut, out: &mut Vec<Bytes>, coalesc
                 payloads.extend(b.messages.iter().map(|m| &m.payload));
                 let meta = PublishBatchMeta {
                     batch_id: b.batch_id,
-                    messages: b
-                        .messages
-                        .iter()
-                        .map(|m| PublishEntry {
-                            sequence: m.sequence,
-                            headers: m.headers.clone(),
-                            len: payload_len(&m.payload),
-                        })
-                        .collect(),
+                    messages: publish_entries(&b.messages),
                 };
                 options().serialize_into(w, &meta)
             }
@@ -384,15 +360,7 @@ fn encode_inner(frame: &Frame, dst: &mut BytesMut, out: &mut Vec<Bytes>, coalesc
                         .iter()
                         .map(|p| ChannelPartMeta {
                             channel: p.channel.clone(),
-                            messages: p
-                                .messages
-                                .iter()
-                                .map(|m| PublishEntry {
-                                    sequence: m.sequence,
-                                    headers: m.headers.clone(),
-                                    len: payload_len(&m.payload),
-                                })
-                                .collect(),
+                            messages: publish_entries(&p.messages),
                         })
                         .collect(),
                 };
@@ -445,6 +413,33 @@ fn encode_inner(frame: &Frame, dst: &mut BytesMut, out: &mut Vec<Bytes>, coalesc
     if coalesce_below != usize::MAX && !dst.is_empty() {
         out.push(dst.split().freeze());
     }
+}
+
+/// The meta entries of published messages (payloads travel in the data section).
+fn publish_entries(messages: &[PublishMessage]) -> Vec<PublishEntry> {
+    messages
+        .iter()
+        .map(|m| PublishEntry {
+            sequence: m.sequence,
+            headers: m.headers.clone(),
+            len: payload_len(&m.payload),
+        })
+        .collect()
+}
+
+/// Published messages from their meta entries and the payloads split off the data section.
+fn publish_messages(
+    entries: Vec<PublishEntry>,
+    payloads: &mut impl Iterator<Item = Bytes>,
+) -> Vec<PublishMessage> {
+    entries
+        .into_iter()
+        .map(|e| PublishMessage {
+            sequence: e.sequence,
+            headers: e.headers,
+            payload: payloads.next().unwrap_or_default(),
+        })
+        .collect()
 }
 
 fn payload_len(payload: &Bytes) -> u32 {

@@ -284,3 +284,46 @@ async fn a_frame_with_a_bad_part_is_refused_whole_and_appends_nothing() -> Resul
     running.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_disk_budget_counts_a_whole_frame_not_each_part() -> Result<()> {
+    directmq_tests::init_logging();
+    let dir = tempfile::tempdir()?;
+    let config = directmq_broker::Config {
+        // Each 100 KB part fits on its own; the two together do not.
+        max_disk_bytes: 150_000,
+        ..test_config(dir.path())
+    };
+    let running = directmq_broker::start(config).await?;
+    let conn = raw_connection(running.quic_addr, dir.path()).await?;
+    let (_control_w, _control_r, reply) = hello(&conn, proto::PROTOCOL_VERSION).await?;
+    ensure!(matches!(reply, Some(Frame::HelloOk(_))), "{reply:?}");
+    let (mut w, mut r) = open_multi(&conn, "big").await?;
+    let part = |channel: &str| proto::ChannelBatch {
+        channel: channel.into(),
+        messages: vec![proto::PublishMessage {
+            sequence: 1,
+            headers: vec![],
+            payload: Bytes::from(vec![5u8; 100_000]),
+        }],
+    };
+    w.write(&Frame::PublishMulti(proto::PublishMulti {
+        batch_id: 1,
+        parts: vec![part("budget/a"), part("budget/b")],
+    }))
+    .await?;
+    match r.next().await? {
+        Some(Frame::Error(e)) => ensure!(
+            e.code == ErrorCode::STORAGE_FULL && e.request_id == 1,
+            "{e:?}"
+        ),
+        other => bail!("expected STORAGE_FULL, got {other:?}"),
+    }
+    // Nothing of the frame was stored: the first message on budget/a gets offset 0.
+    let c = client(running.quic_addr, dir.path()).await?;
+    let receipt = c.producer("budget/a", "check").await?.send("x").await?;
+    ensure!(receipt.offset == Some(0), "{receipt:?}");
+    c.close().await;
+    running.shutdown().await;
+    Ok(())
+}

@@ -2,6 +2,7 @@
 //! labels carry only bounded values such as error codes, never channel or client names.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -47,8 +48,19 @@ pub const CONSUMERS_STALLED: &str = "directmq_consumers_stalled";
 pub const PROTOCOL_ERRORS: &str = "directmq_protocol_errors_total";
 pub const CHANNELS: &str = "directmq_channels";
 
+/// How often histogram samples are folded into their buckets. The recorder holds every
+/// sample until then or until `/metrics` is scraped: without this a broker nobody scraped
+/// grew by 8 bytes per ack and per fsync, about 1 GB a day at 1,000 frames per second.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
 /// Installs the process-wide Prometheus recorder once and returns its handle.
 pub fn install() -> PrometheusHandle {
+    install_with_upkeep(UPKEEP_EVERY)
+}
+
+/// [`install`], folding histogram samples every `every` (on a thread of its own, so that
+/// neither a runtime nor a scrape is needed). Only the first call in a process installs.
+pub fn install_with_upkeep(every: Duration) -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
@@ -69,6 +81,16 @@ pub fn install() -> PrometheusHandle {
             // Another recorder may already be installed (an embedding program's); then
             // this handle renders nothing, which is the embedder's choice.
             let _ = metrics::set_global_recorder(recorder);
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new()
+                .name("directmq-metrics".into())
+                .spawn(move || loop {
+                    std::thread::sleep(every);
+                    upkeep.run_upkeep();
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "no metrics upkeep thread: histogram samples are folded only when /metrics is scraped");
+            }
             handle
         })
         .clone()

@@ -1506,6 +1506,51 @@ impl Broker {
         let _ = acker.await;
     }
 
+    /// Opens the channels of `batch` this stream has not used yet, all at once: the
+    /// creations of new ones are queued together and share a group commit, where opening
+    /// them one by one waited for an fsync each (seconds for an agent's first frame to
+    /// thousands of new shards). The first refusal in part order is the frame's.
+    async fn resolve_new(
+        &self,
+        identity: &Principal,
+        open: &proto::OpenPublishMulti,
+        epoch: u64,
+        batch: &proto::PublishMulti,
+        resolved: &mut HashMap<String, Resolved>,
+    ) -> Result<(), Refusal> {
+        let mut seen = std::collections::HashSet::new();
+        let new: Vec<proto::OpenPublish> = batch
+            .parts
+            .iter()
+            .filter(|p| !resolved.contains_key(&p.channel) && seen.insert(p.channel.as_str()))
+            .map(|p| proto::OpenPublish {
+                channel: p.channel.clone(),
+                producer_id: open.producer_id.clone(),
+                create: open.create,
+            })
+            .collect();
+        let opened = futures_util::future::join_all(
+            new.iter().map(|single| self.open_publish(identity, single)),
+        )
+        .await;
+        for (single, result) in new.into_iter().zip(opened) {
+            let (id, _, channel_epoch) = result?;
+            if channel_epoch != epoch {
+                return Err(Refusal::new(
+                    ErrorCode::STORAGE_ERROR,
+                    "a write failed on the broker; reopen the stream and resend unacknowledged batches",
+                ));
+            }
+            let r = Resolved {
+                id,
+                heads: self.head_sender(id),
+                settings: self.config.channel_settings(&single.channel),
+            };
+            resolved.insert(single.channel, r);
+        }
+        Ok(())
+    }
+
     async fn plan_multi(
         &self,
         identity: &Principal,
@@ -1525,34 +1570,15 @@ impl Broker {
             incoming: Vec<Incoming>,
             on_disk: u64,
         }
+        self.resolve_new(identity, open, epoch, &batch, resolved)
+            .await?;
         let mut planned = Vec::with_capacity(batch.parts.len());
         let (mut count, mut bytes, mut frame_on_disk) = (0u64, 0u64, 0u64);
         // Every check that can refuse a part runs here, before anything is queued.
         for part in batch.parts {
-            let (id, heads, settings) = match resolved.get(&part.channel) {
-                Some(r) => (r.id, r.heads.clone(), r.settings),
-                None => {
-                    let single = proto::OpenPublish {
-                        channel: part.channel.clone(),
-                        producer_id: open.producer_id.clone(),
-                        create: open.create,
-                    };
-                    let (id, _, channel_epoch) = self.open_publish(identity, &single).await?;
-                    if channel_epoch != epoch {
-                        return Err(Refusal::new(
-                            ErrorCode::STORAGE_ERROR,
-                            "a write failed on the broker; reopen the stream and resend unacknowledged batches",
-                        ));
-                    }
-                    let r = Resolved {
-                        id,
-                        heads: self.head_sender(id),
-                        settings: self.config.channel_settings(&part.channel),
-                    };
-                    let found = (r.id, r.heads.clone(), r.settings);
-                    resolved.insert(part.channel.clone(), r);
-                    found
-                }
+            let (id, heads, settings) = {
+                let r = &resolved[&part.channel];
+                (r.id, r.heads.clone(), r.settings)
             };
             // Rights are read at every batch: one removed by an ACL reload applies now.
             self.authorize(identity, Right::Publish, &part.channel)?;

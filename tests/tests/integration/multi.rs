@@ -327,3 +327,64 @@ async fn the_disk_budget_counts_a_whole_frame_not_each_part() -> Result<()> {
     running.shutdown().await;
     Ok(())
 }
+
+/// An agent's first frame naming hundreds of channels the broker has never seen creates
+/// them together, in a few group commits: opening them one by one took an fsync each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_new_channels_of_a_frame_are_created_in_a_few_fsyncs() -> Result<()> {
+    directmq_tests::init_logging();
+    const NEW: u32 = 300;
+    let dir = tempfile::tempdir()?;
+    // A broker of its own: the fsync counter of an in-process one counts other tests' too.
+    let mut broker = ChildBroker::start(&crate::directmq_bin(), dir.path(), None)?;
+    let conn = raw_connection(broker.quic, dir.path()).await?;
+    let (_control_w, _control_r, reply) = hello(&conn, proto::PROTOCOL_VERSION).await?;
+    ensure!(matches!(reply, Some(Frame::HelloOk(_))), "{reply:?}");
+    let http = broker.http;
+    let fsyncs = || async move {
+        crate::operations::scrape(http)
+            .await?
+            .get("directmq_storage_fsyncs_total")
+            .copied()
+            .context("no fsync counter on /metrics")
+    };
+    let (mut w, mut r) = open_multi(&conn, "agent-new").await?;
+    let before = fsyncs().await?;
+    let parts = (0..NEW)
+        .map(|c| proto::ChannelBatch {
+            channel: format!("dc-a/new/s{c:03}"),
+            messages: vec![proto::PublishMessage {
+                sequence: 1,
+                headers: vec![],
+                payload: payload(c, 0, 1, 64),
+            }],
+        })
+        .collect();
+    w.write(&Frame::PublishMulti(proto::PublishMulti {
+        batch_id: 1,
+        parts,
+    }))
+    .await?;
+    match r.next().await? {
+        Some(Frame::PublishMultiAck(ack)) => ensure!(
+            ack.parts.len() == NEW as usize && ack.parts.iter().all(|p| p.appended == 1),
+            "{ack:?}"
+        ),
+        other => bail!("expected PublishMultiAck, got {other:?}"),
+    }
+    let spent = fsyncs().await? - before;
+    ensure!(
+        spent <= 10.0,
+        "{spent} fsyncs to create {NEW} channels and append a message to each"
+    );
+    let c = client(broker.quic, dir.path()).await?;
+    let listed = c.list_channels("dc-a/new/").await?;
+    ensure!(
+        listed.len() == NEW as usize && listed.iter().all(|i| i.head == 1),
+        "{} channels listed",
+        listed.len()
+    );
+    c.close().await;
+    broker.terminate()?;
+    Ok(())
+}

@@ -372,9 +372,12 @@ async fn the_new_channels_of_a_frame_are_created_in_a_few_fsyncs() -> Result<()>
         ),
         other => bail!("expected PublishMultiAck, got {other:?}"),
     }
+    // The log writer takes whatever is queued when it wakes, so how many groups the
+    // creations fall into depends on timing (2 to 16 seen under load); awaited one by one
+    // they need one each, NEW + 1 in all.
     let spent = fsyncs().await? - before;
     ensure!(
-        spent <= 10.0,
+        spent < f64::from(NEW / 4),
         "{spent} fsyncs to create {NEW} channels and append a message to each"
     );
     let c = client(broker.quic, dir.path()).await?;

@@ -1295,12 +1295,15 @@ async fn run(
                 .multi_producer(&format!("p{p}"), options.clone())
                 .await
                 .with_context(|| format!("producer p{p} could not open its shared stream"))?;
-            let mut chans = Vec::new();
-            for ch in channels_of(p, producers, channels) {
-                multi.open_channel(&names[ch]).await.with_context(|| {
-                    format!("producer p{p} could not open channel {}", names[ch])
-                })?;
-                chans.push(ch);
+            // Registered in one pipelined call, not a round trip per channel.
+            let chans = channels_of(p, producers, channels);
+            let mine: Vec<&str> = chans.iter().map(|&ch| names[ch].as_str()).collect();
+            let answers = multi
+                .open_channels(&mine)
+                .await
+                .with_context(|| format!("producer p{p} could not open its channels"))?;
+            for (name, answer) in mine.iter().zip(answers) {
+                answer.with_context(|| format!("producer p{p} could not open channel {name}"))?;
             }
             producer_sets.push((client, Publisher::Shared(multi, chans)));
             continue;

@@ -397,24 +397,38 @@ impl Client {
     }
 
     async fn request(&self, body: RequestBody) -> Result<ResponseBody, Error> {
+        let mut answers = self.requests(vec![body]).await?;
+        answers.pop().expect("one answer per request")
+    }
+
+    /// Sends `bodies` on the control stream without waiting for each answer (the protocol
+    /// lets requests be pipelined, and the broker answers them in order), [`PIPELINE`] at a
+    /// time: an agent registering thousands of channels pays a round trip per
+    /// [`PIPELINE`] requests instead of one each. Answers come back in request order; an
+    /// error that ends the stream fails the call.
+    async fn requests(
+        &self,
+        bodies: Vec<RequestBody>,
+    ) -> Result<Vec<Result<ResponseBody, Error>>, Error> {
         let conn = self.connection().await?;
-        let request_id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
         let mut control = conn.control.lock().await;
         let (writer, reader) = &mut *control;
-        writer
-            .write(&Frame::Request(proto::Request { request_id, body }))
-            .await?;
-        match reader.next().await? {
-            Some(Frame::Response(r)) if r.request_id == request_id => Ok(r.body),
-            Some(Frame::Error(e)) => Err(Error::from_frame(e)),
-            Some(other) => Err(Error::Protocol(format!(
-                "unexpected {} on the control stream",
-                other.name()
-            ))),
-            None => Err(Error::Connection(
-                "the broker closed the control stream".into(),
-            )),
+        let mut answers = Vec::with_capacity(bodies.len());
+        let mut bodies = bodies.into_iter().peekable();
+        while bodies.peek().is_some() {
+            let mut sent = Vec::with_capacity(PIPELINE);
+            for body in bodies.by_ref().take(PIPELINE) {
+                let request_id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
+                writer
+                    .write(&Frame::Request(proto::Request { request_id, body }))
+                    .await?;
+                sent.push(request_id);
+            }
+            for request_id in sent {
+                answers.push(answer(reader, request_id).await?);
+            }
         }
+        Ok(answers)
     }
 
     /// Creates a channel (channels are also created on first publish).
@@ -455,6 +469,31 @@ impl Client {
             ResponseBody::Status(s) => Ok(s),
             other => Err(Error::Protocol(format!("unexpected response {other:?}"))),
         }
+    }
+
+    /// [`Client::last_sequence`] for many channels, pipelined; one answer per channel, in
+    /// order.
+    pub async fn last_sequences(
+        &self,
+        channels: &[&str],
+        producer_id: &str,
+    ) -> Result<Vec<Result<Option<u64>, Error>>, Error> {
+        let bodies = channels
+            .iter()
+            .map(|channel| RequestBody::LastSequence {
+                channel: (*channel).into(),
+                producer_id: producer_id.into(),
+            })
+            .collect();
+        Ok(self
+            .requests(bodies)
+            .await?
+            .into_iter()
+            .map(|answer| match answer? {
+                ResponseBody::LastSequence(s) => Ok(s),
+                other => Err(Error::Protocol(format!("unexpected response {other:?}"))),
+            })
+            .collect())
     }
 
     /// The last sequence the broker appended for `producer_id` on `channel`.
@@ -621,5 +660,38 @@ impl Client {
         }
         drop(slot);
         self.inner.endpoint.wait_idle().await;
+    }
+}
+
+/// Requests written before their answers are read, at most.
+const PIPELINE: usize = 512;
+
+/// Reads the answer to `request_id` off the control stream. Answers to earlier requests
+/// (whose caller gave up waiting) are skipped. `Err` only when the stream cannot go on.
+async fn answer(
+    reader: &mut FrameReader,
+    request_id: u64,
+) -> Result<Result<ResponseBody, Error>, Error> {
+    loop {
+        match reader.next().await? {
+            Some(Frame::Response(r)) if r.request_id < request_id => continue,
+            Some(Frame::Response(r)) if r.request_id == request_id => return Ok(Ok(r.body)),
+            Some(Frame::Error(e)) if e.request_id != 0 && e.request_id < request_id => continue,
+            Some(Frame::Error(e)) if e.request_id == request_id => {
+                return Ok(Err(Error::from_frame(e)))
+            }
+            Some(Frame::Error(e)) => return Err(Error::from_frame(e)),
+            Some(other) => {
+                return Err(Error::Protocol(format!(
+                    "unexpected {} on the control stream",
+                    other.name()
+                )))
+            }
+            None => {
+                return Err(Error::Connection(
+                    "the broker closed the control stream".into(),
+                ))
+            }
+        }
     }
 }

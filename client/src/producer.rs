@@ -237,6 +237,48 @@ impl MultiProducer {
             .map(|(_, last)| last)
     }
 
+    /// [`MultiProducer::open_channel`] for many channels at once: the broker is asked about
+    /// all of them pipelined, a round trip per 512 where registering them one by one cost a
+    /// round trip each (minutes for an agent of 10,000 shards across a WAN). One answer per
+    /// channel, in order; a refused channel is not registered and does not affect the
+    /// others. `Err` only when the connection fails.
+    pub async fn open_channels(
+        &self,
+        channels: &[&str],
+    ) -> Result<Vec<Result<Option<u64>, Error>>, Error> {
+        let mut next = self.next.lock().await;
+        let mut answers: Vec<Option<Result<Option<u64>, Error>>> = Vec::new();
+        let mut ask = Vec::new();
+        for (i, channel) in channels.iter().enumerate() {
+            answers.push(match next.get(*channel) {
+                Some(seq) => Some(Ok(seq.checked_sub(1))),
+                None => match checked_name(channel) {
+                    Ok(()) => {
+                        ask.push(i);
+                        None
+                    }
+                    Err(e) => Some(Err(e)),
+                },
+            });
+        }
+        let names: Vec<&str> = ask.iter().map(|&i| channels[i]).collect();
+        let asked = self
+            .client
+            .last_sequences(&names, &self.producer_id)
+            .await?;
+        for (i, answer) in ask.into_iter().zip(asked) {
+            let answer = self.accept(answer);
+            if let Ok(last) = answer {
+                next.insert(Arc::from(channels[i]), last.map_or(0, |s| s + 1));
+            }
+            answers[i] = Some(answer);
+        }
+        Ok(answers
+            .into_iter()
+            .map(|a| a.expect("every channel answered"))
+            .collect())
+    }
+
     async fn register(
         &self,
         next: &mut HashMap<Arc<str>, u64>,
@@ -245,20 +287,21 @@ impl MultiProducer {
         if let Some((name, seq)) = next.get_key_value(channel) {
             return Ok((name.clone(), seq.checked_sub(1)));
         }
-        proto::validate_channel_name(channel).map_err(|e| Error::Broker {
-            code: ErrorCode::INVALID_CHANNEL_NAME,
-            message: format!("invalid channel name {channel:?}: {e}"),
-        })?;
-        let last = match self.client.last_sequence(channel, &self.producer_id).await {
-            Ok(last) => last,
-            // Created by its first message, when creation is on; otherwise refused here,
-            // before its first message could make a whole shared frame fail.
-            Err(e) if e.code() == Some(ErrorCode::CHANNEL_NOT_FOUND) && self.create => None,
-            Err(e) => return Err(e),
-        };
+        checked_name(channel)?;
+        let last = self.accept(self.client.last_sequence(channel, &self.producer_id).await)?;
         let name: Arc<str> = Arc::from(channel);
         next.insert(name.clone(), last.map_or(0, |s| s + 1));
         Ok((name, last))
+    }
+
+    /// A channel's last sequence as the broker answered it. A missing channel is created by
+    /// its first message when creation is on; otherwise it is refused here, before its
+    /// first message could make a whole shared frame fail.
+    fn accept(&self, answer: Result<Option<u64>, Error>) -> Result<Option<u64>, Error> {
+        match answer {
+            Err(e) if e.code() == Some(ErrorCode::CHANNEL_NOT_FOUND) && self.create => Ok(None),
+            other => other,
+        }
     }
 
     /// Publishes to `channel` and waits until the message is durable.
@@ -317,6 +360,14 @@ impl MultiProducer {
     pub async fn flush(&self) -> Result<(), Error> {
         flush(&self.tx).await
     }
+}
+
+/// A channel name the broker would accept, checked before asking it.
+fn checked_name(channel: &str) -> Result<(), Error> {
+    proto::validate_channel_name(channel).map_err(|e| Error::Broker {
+        code: ErrorCode::INVALID_CHANNEL_NAME,
+        message: format!("invalid channel name {channel:?}: {e}"),
+    })
 }
 
 /// Hands a message to a producer task; its ack resolves the returned future.

@@ -391,3 +391,91 @@ async fn the_new_channels_of_a_frame_are_created_in_a_few_fsyncs() -> Result<()>
     broker.terminate()?;
     Ok(())
 }
+
+/// An agent registers all its channels in one call, pipelined past the 512 requests sent
+/// ahead: per channel, in order, the last sequence of a channel it published to, none for
+/// a new one, an error of its own for one the broker refuses; publishing then goes on from
+/// each answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_channels_answers_each_channel_in_order() -> Result<()> {
+    directmq_tests::init_logging();
+    const N: u32 = 700;
+    let dir = tempfile::tempdir()?;
+    let running = directmq_broker::start(test_config(dir.path())).await?;
+    let c = client(running.quic_addr, dir.path()).await?;
+    let reg = |i: u32| format!("dc-a/reg/s{i:03}");
+    let last = |i: u32| u64::from(i) * 10 + 7;
+    let first = c
+        .multi_producer("agent-r", ProducerOptions::default())
+        .await?;
+    for i in (0..N).step_by(3) {
+        first.enqueue_with(&reg(i), last(i), vec![], "x").await?;
+    }
+    first.flush().await?;
+    drop(first);
+
+    let strict = c
+        .multi_producer(
+            "agent-r",
+            ProducerOptions {
+                create_channel: false,
+                ..ProducerOptions::default()
+            },
+        )
+        .await?;
+    let mut names: Vec<String> = (0..N).map(reg).collect();
+    names.push("not a name".into());
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let answers = strict.open_channels(&refs).await?;
+    ensure!(answers.len() == refs.len(), "{} answers", answers.len());
+    let code =
+        |a: &Result<Option<u64>, directmq_client::Error>| a.as_ref().err().and_then(|e| e.code());
+    for i in 0..N {
+        let answer = &answers[i as usize];
+        if i % 3 == 0 {
+            ensure!(
+                matches!(answer, Ok(Some(s)) if *s == last(i)),
+                "channel {i}: {answer:?}"
+            );
+        } else {
+            ensure!(
+                code(answer) == Some(ErrorCode::CHANNEL_NOT_FOUND),
+                "channel {i}: {answer:?}"
+            );
+        }
+    }
+    ensure!(code(&answers[N as usize]) == Some(ErrorCode::INVALID_CHANNEL_NAME));
+    // A registered channel goes on after its answer; a refused one stays refused.
+    let receipt = strict.send(&reg(3), "next").await?;
+    ensure!(
+        receipt.sequence == last(3) + 1 && receipt.offset == Some(1),
+        "{receipt:?}"
+    );
+    ensure!(strict.send(&reg(1), "no").await.is_err());
+
+    // Allowed to create, the same producer gets no sequence for the new channels, whose
+    // messages then start at sequence 0.
+    let creating = c
+        .multi_producer("agent-r", ProducerOptions::default())
+        .await?;
+    let answers = creating.open_channels(&refs[..N as usize]).await?;
+    for (i, answer) in answers.iter().enumerate() {
+        let expected = match i % 3 {
+            0 if i == 3 => Some(last(3) + 1),
+            0 => Some(last(i as u32)),
+            _ => None,
+        };
+        ensure!(
+            matches!(answer, Ok(s) if *s == expected),
+            "channel {i}: {answer:?}"
+        );
+    }
+    let receipt = creating.send(&reg(1), "first").await?;
+    ensure!(
+        receipt.sequence == 0 && receipt.offset == Some(0),
+        "{receipt:?}"
+    );
+    c.close().await;
+    running.shutdown().await;
+    Ok(())
+}

@@ -410,6 +410,9 @@ impl Client {
         &self,
         bodies: Vec<RequestBody>,
     ) -> Result<Vec<Result<ResponseBody, Error>>, Error> {
+        if bodies.is_empty() {
+            return Ok(Vec::new());
+        }
         let conn = self.connection().await?;
         let mut control = conn.control.lock().await;
         let (writer, reader) = &mut *control;

@@ -246,30 +246,37 @@ impl MultiProducer {
         &self,
         channels: &[&str],
     ) -> Result<Vec<Result<Option<u64>, Error>>, Error> {
-        let mut next = self.next.lock().await;
         let mut answers: Vec<Option<Result<Option<u64>, Error>>> = Vec::new();
         let mut ask = Vec::new();
-        for (i, channel) in channels.iter().enumerate() {
-            answers.push(match next.get(*channel) {
-                Some(seq) => Some(Ok(seq.checked_sub(1))),
-                None => match checked_name(channel) {
-                    Ok(()) => {
-                        ask.push(i);
-                        None
-                    }
-                    Err(e) => Some(Err(e)),
-                },
-            });
+        {
+            let next = self.next.lock().await;
+            for (i, channel) in channels.iter().enumerate() {
+                answers.push(match next.get(*channel) {
+                    Some(seq) => Some(Ok(seq.checked_sub(1))),
+                    None => match checked_name(channel) {
+                        Ok(()) => {
+                            ask.push(i);
+                            None
+                        }
+                        Err(e) => Some(Err(e)),
+                    },
+                });
+            }
         }
+        // Asked without holding the registry: messages for registered channels go on
+        // meanwhile.
         let names: Vec<&str> = ask.iter().map(|&i| channels[i]).collect();
         let asked = self
             .client
             .last_sequences(&names, &self.producer_id)
             .await?;
+        let mut next = self.next.lock().await;
         for (i, answer) in ask.into_iter().zip(asked) {
             let answer = self.accept(answer);
             if let Ok(last) = answer {
-                next.insert(Arc::from(channels[i]), last.map_or(0, |s| s + 1));
+                // A channel registered meanwhile (its first message) keeps its sequence.
+                next.entry(Arc::from(channels[i]))
+                    .or_insert(last.map_or(0, |s| s + 1));
             }
             answers[i] = Some(answer);
         }

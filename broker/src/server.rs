@@ -1509,7 +1509,8 @@ impl Broker {
     /// Opens the channels of `batch` this stream has not used yet, all at once: the
     /// creations of new ones are queued together and share a group commit, where opening
     /// them one by one waited for an fsync each (seconds for an agent's first frame to
-    /// thousands of new shards). The first refusal in part order is the frame's.
+    /// thousands of new shards). A refused open refuses the frame (the first in part
+    /// order); the other new channels may have been created meanwhile.
     async fn resolve_new(
         &self,
         identity: &Principal,
@@ -1993,11 +1994,11 @@ impl Broker {
                 let max_messages = (credit_messages as usize).min(DELIVER_MESSAGES);
                 let max_bytes = credit_bytes.min(DELIVER_BYTES);
                 let read = tokio::task::spawn_blocking(move || {
-                    store.read(channel_id, next, max_messages, max_bytes)
+                    store.read_with_buffers(channel_id, next, max_messages, max_bytes)
                 })
                 .await;
-                let messages = match read {
-                    Ok(Ok(messages)) => messages,
+                let (messages, buffers) = match read {
+                    Ok(Ok(read)) => read,
                     Ok(Err(e)) => {
                         warn!(error = %e, channel_id, offset = next, "read failed; ending the session");
                         writer
@@ -2045,7 +2046,8 @@ impl Broker {
                             })
                             .collect(),
                     });
-                    if writer.write(&frame).await.is_err() {
+                    // The payloads go out as slices of the batches read, not copies.
+                    if writer.write_backed(&frame, &buffers).await.is_err() {
                         break;
                     }
                 } else {

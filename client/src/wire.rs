@@ -144,6 +144,20 @@ impl FrameWriter {
         Ok(())
     }
 
+    /// [`FrameWriter::write`] for a frame whose payloads are slices of `backing`: payloads
+    /// side by side in one buffer go out as one slice of it, uncopied
+    /// ([`proto::encode_chunks_backed`]).
+    pub async fn write_backed(
+        &mut self,
+        frame: &Frame,
+        backing: &[Bytes],
+    ) -> Result<(), StreamError> {
+        self.chunks.clear();
+        proto::encode_chunks_backed(frame, backing, &mut self.chunks);
+        self.send.write_all_chunks(&mut self.chunks).await?;
+        Ok(())
+    }
+
     /// Sends an error frame, then finishes the stream.
     pub async fn fail(&mut self, code: proto::ErrorCode, message: String) {
         let frame = Frame::Error(proto::ErrorFrame {

@@ -16,7 +16,9 @@ mod error;
 mod frame;
 mod names;
 
-pub use codec::{decode, encode, encode_chunks, frame_len, DecodeError, HEADER_LEN};
+pub use codec::{
+    decode, encode, encode_chunks, encode_chunks_backed, frame_len, DecodeError, HEADER_LEN,
+};
 pub use error::ErrorCode;
 pub use frame::*;
 pub use names::{validate_channel_name, validate_identifier, validate_prefix, NameError};

@@ -311,6 +311,20 @@ impl Store {
         max_messages: usize,
         max_bytes: u64,
     ) -> Result<Vec<ReadMessage>, StorageError> {
+        self.read_with_buffers(channel_id, from, max_messages, max_bytes)
+            .map(|(messages, _)| messages)
+    }
+
+    /// [`Store::read`], also answering the batches' read buffers, of which the payloads are
+    /// slices: the payloads of one batch lie side by side in its buffer, so a sender can
+    /// pass them on as one slice instead of copying each.
+    pub fn read_with_buffers(
+        &self,
+        channel_id: u64,
+        from: u64,
+        max_messages: usize,
+        max_bytes: u64,
+    ) -> Result<(Vec<ReadMessage>, Vec<Bytes>), StorageError> {
         match self.read_once(channel_id, from, max_messages, max_bytes) {
             Err(StorageError::Io { source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound =>
@@ -331,11 +345,12 @@ impl Store {
         from: u64,
         max_messages: usize,
         max_bytes: u64,
-    ) -> Result<Vec<ReadMessage>, StorageError> {
+    ) -> Result<(Vec<ReadMessage>, Vec<Bytes>), StorageError> {
+        let mut buffers = Vec::new();
         let mut out = Vec::new();
         let mut bytes = 0u64;
         let Some(first) = self.shared.index.find(channel_id, from)? else {
-            return Ok(out);
+            return Ok((out, buffers));
         };
         let mut expected = first.base_offset.max(from);
         let mut entries = vec![first];
@@ -352,7 +367,8 @@ impl Store {
                         ),
                     });
                 }
-                let batch = self.read_batch(&entry)?;
+                let (batch, buffer) = self.read_batch(&entry)?;
+                buffers.push(buffer);
                 for (i, m) in batch.messages.into_iter().enumerate() {
                     let offset = batch.base_offset + i as u64;
                     if offset < expected {
@@ -376,10 +392,12 @@ impl Store {
                 break;
             }
         }
-        Ok(out)
+        Ok((out, buffers))
     }
 
-    fn read_batch(&self, entry: &IndexEntry) -> Result<crate::Batch, StorageError> {
+    /// The batch `entry` points at, and the buffer it was read into (its payloads are
+    /// slices of it).
+    fn read_batch(&self, entry: &IndexEntry) -> Result<(crate::Batch, Bytes), StorageError> {
         let file = self.file(entry.segment)?;
         let path = segment::segment_path(&self.shared.log_dir, entry.segment);
         let bytes = segment::read_at(&file, entry.position, entry.len as usize)
@@ -394,12 +412,12 @@ impl Store {
                 reason,
             }
         };
-        match Record::decode(bytes) {
+        match Record::decode(bytes.clone()) {
             Ok(Record::Batch(batch))
                 if batch.channel_id == entry.channel_id
                     && batch.base_offset == entry.base_offset =>
             {
-                Ok(batch)
+                Ok((batch, bytes))
             }
             Ok(_) => Err(corrupt("the index points at another record".into())),
             Err(e) => Err(corrupt(e.to_string())),
@@ -427,7 +445,7 @@ impl Store {
         };
         let mut bytes = first.bytes;
         if first.base_offset < from {
-            let batch = self.read_batch(&first)?;
+            let (batch, _) = self.read_batch(&first)?;
             let consumed = (from - first.base_offset) as usize;
             bytes -= batch.messages[..consumed.min(batch.messages.len())]
                 .iter()
@@ -673,7 +691,7 @@ impl Store {
                 .iter()
                 .filter(|e| e.segment == segment && e.end_offset() > floor)
             {
-                let batch = self.read_batch(entry)?;
+                let (batch, _) = self.read_batch(entry)?;
                 copied.0 += 1;
                 copied.1 += u64::from(entry.len);
                 chunk_bytes += u64::from(entry.len);

@@ -657,3 +657,27 @@ fn appends_with_interval_durability_complete_and_survive_a_close() {
     let id = store.with_state(|s| s.channel_id("t")).unwrap();
     assert_eq!(payloads_of(&store, id), vec![(0, b"relaxed".to_vec())]);
 }
+
+#[test]
+fn reads_answer_the_buffers_their_payloads_lie_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    let a = create(&store, "a");
+    publish(&store, a, "p", 1, &[b"one", b"two", b"three"]);
+    publish(&store, a, "p", 4, &[b"four"]);
+    let (messages, buffers) = store.read_with_buffers(a, 1, usize::MAX, u64::MAX).unwrap();
+    assert_eq!(messages.len(), 3);
+    assert_eq!(buffers.len(), 2, "one buffer per batch read");
+    let within = |b: &Bytes, p: &Bytes| {
+        let (b0, p0) = (b.as_ptr() as usize, p.as_ptr() as usize);
+        p0 >= b0 && p0 + p.len() <= b0 + b.len()
+    };
+    // A batch's payloads lie side by side in its buffer.
+    assert!(within(&buffers[0], &messages[0].payload) && within(&buffers[0], &messages[1].payload));
+    assert_eq!(
+        messages[0].payload.as_ptr() as usize + messages[0].payload.len(),
+        messages[1].payload.as_ptr() as usize
+    );
+    assert!(within(&buffers[1], &messages[2].payload));
+    assert_eq!(&messages[2].payload[..], b"four");
+}

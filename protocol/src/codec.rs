@@ -257,8 +257,9 @@ fn split_payloads(
 
 /// Appends the encoding of `frame` to `dst`, copying payloads.
 pub fn encode(frame: &Frame, dst: &mut BytesMut) {
+    let pieces = pieces(frame_payloads(frame), &[], usize::MAX);
     let mut chunks = Vec::new();
-    encode_inner(frame, dst, &mut chunks, usize::MAX, &[]);
+    encode_inner(frame, dst, &mut chunks, &pieces, false);
     debug_assert!(chunks.is_empty());
 }
 
@@ -266,84 +267,128 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) {
 /// are copied into the header chunk; large ones are passed as their own [`Bytes`] so a
 /// 64 MiB message is never copied on its way to the socket.
 pub fn encode_chunks(frame: &Frame, out: &mut Vec<Bytes>) {
-    // Sized once for the header, the meta and the payloads copied in: growing by doubling
-    // recopied a 2 MiB delivery ~20 times over (2% of the broker's CPU in catch-up).
-    let mut buf = BytesMut::with_capacity(coalesced_estimate(frame));
-    encode_inner(frame, &mut buf, out, COALESCE_BELOW, &[]);
+    encode_chunks_backed(frame, &[], out);
 }
 
 /// [`encode_chunks`] for payloads that are slices of `backing` (batches read from the log,
 /// whose payloads are stored back to back): payloads that lie side by side in one of them
-/// go out as one slice of it, however small each is, instead of being copied. The bytes on
-/// the wire are the same.
+/// go out as one slice of it instead of being copied, when the run is at least 16 KiB and
+/// at least a quarter of the buffer it keeps alive until sent. The bytes on the wire are
+/// the same.
 pub fn encode_chunks_backed(frame: &Frame, backing: &[Bytes], out: &mut Vec<Bytes>) {
-    // Header and meta; payloads mostly go out as slices.
-    let mut buf = BytesMut::with_capacity(HEADER_LEN + 256 + 64 * frame_messages(frame));
-    encode_inner(frame, &mut buf, out, COALESCE_BELOW, backing);
+    let pieces = pieces(frame_payloads(frame), backing, COALESCE_BELOW);
+    // Sized once for the header, the meta and the payloads copied in: growing by doubling
+    // recopied a 2 MiB delivery ~20 times over (2% of the broker's CPU in catch-up).
+    let copied: usize = pieces
+        .iter()
+        .filter(|p| p.copy)
+        .map(|p| p.bytes.len())
+        .sum();
+    let mut buf = BytesMut::with_capacity(meta_estimate(frame) + copied);
+    encode_inner(frame, &mut buf, out, &pieces, true);
 }
 
-/// Roughly the bytes [`encode_chunks`] puts in its own buffer: header, meta (a generous
-/// 64 bytes per message plus headers), and the payloads small enough to be copied.
-fn coalesced_estimate(frame: &Frame) -> usize {
-    let sized = |payload: &Bytes, headers: &Headers| {
-        let copied = if payload.len() < COALESCE_BELOW {
-            payload.len()
-        } else {
-            0
-        };
-        64 + copied
-            + headers
-                .iter()
-                .map(|(k, v)| 16 + k.len() + v.len())
-                .sum::<usize>()
+/// Roughly the bytes of a frame's header and meta: a generous 64 bytes per message plus its
+/// headers.
+fn meta_estimate(frame: &Frame) -> usize {
+    let sized = |headers: &Headers| {
+        64 + headers
+            .iter()
+            .map(|(k, v)| 16 + k.len() + v.len())
+            .sum::<usize>()
     };
     let body: usize = match frame {
-        Frame::PublishBatch(b) => b
-            .messages
-            .iter()
-            .map(|m| sized(&m.payload, &m.headers))
-            .sum(),
+        Frame::PublishBatch(b) => b.messages.iter().map(|m| sized(&m.headers)).sum(),
         Frame::PublishMulti(b) => b
             .parts
             .iter()
             .map(|p| {
-                32 + p.channel.len()
-                    + p.messages
-                        .iter()
-                        .map(|m| sized(&m.payload, &m.headers))
-                        .sum::<usize>()
+                32 + p.channel.len() + p.messages.iter().map(|m| sized(&m.headers)).sum::<usize>()
             })
             .sum(),
-        Frame::Deliver(d) => d
-            .messages
-            .iter()
-            .map(|m| sized(&m.payload, &m.headers))
-            .sum(),
+        Frame::Deliver(d) => d.messages.iter().map(|m| sized(&m.headers)).sum(),
         _ => 0,
     };
     HEADER_LEN + 256 + body
 }
 
-/// How many messages `frame` carries.
-fn frame_messages(frame: &Frame) -> usize {
+/// The payloads of `frame`, in the order of its data section.
+fn frame_payloads(frame: &Frame) -> Vec<&Bytes> {
     match frame {
-        Frame::PublishBatch(b) => b.messages.len(),
-        Frame::PublishMulti(b) => b.parts.iter().map(|p| p.messages.len()).sum(),
-        Frame::Deliver(d) => d.messages.len(),
-        _ => 0,
+        Frame::PublishBatch(b) => b.messages.iter().map(|m| &m.payload).collect(),
+        Frame::PublishMulti(b) => b
+            .parts
+            .iter()
+            .flat_map(|p| p.messages.iter().map(|m| &m.payload))
+            .collect(),
+        Frame::Deliver(d) => d.messages.iter().map(|m| &m.payload).collect(),
+        _ => Vec::new(),
     }
+}
+
+/// A stretch of a frame's data section: copied into the frame's buffer, or passed as it is.
+struct Piece {
+    bytes: Bytes,
+    copy: bool,
+}
+
+/// How the data section goes out: payloads under `coalesce_below` are copied, larger ones
+/// passed as they are. Payloads side by side in one of `backing` are taken together first;
+/// such a run is passed as a slice only when it is at least a quarter of its buffer, which
+/// it keeps alive until sent (1 MiB delivered out of a 64 MiB batch is copied).
+fn pieces(payloads: Vec<&Bytes>, backing: &[Bytes], coalesce_below: usize) -> Vec<Piece> {
+    let mut out = Vec::with_capacity(if backing.is_empty() {
+        payloads.len()
+    } else {
+        4
+    });
+    let mut last = 0;
+    let mut payloads = payloads.into_iter().peekable();
+    while let Some(payload) = payloads.next() {
+        // Payloads come in buffer order: the previous run's buffer is the likely one.
+        let found = if backing.get(last).is_some_and(|b| within(b, payload)) {
+            Some(last)
+        } else {
+            backing.iter().position(|b| within(b, payload))
+        };
+        let Some(found) = found else {
+            out.push(Piece {
+                bytes: payload.clone(),
+                copy: payload.len() < coalesce_below,
+            });
+            continue;
+        };
+        last = found;
+        let parent = &backing[found];
+        let base = parent.as_ptr() as usize;
+        let start = payload.as_ptr() as usize - base;
+        let mut end = start + payload.len();
+        while let Some(next) = payloads.peek() {
+            if within(parent, next) && next.as_ptr() as usize == base + end {
+                end += next.len();
+                payloads.next();
+            } else {
+                break;
+            }
+        }
+        let run = end - start;
+        out.push(Piece {
+            bytes: parent.slice(start..end),
+            copy: run < coalesce_below || parent.len() > 4 * run,
+        });
+    }
+    out
 }
 
 fn encode_inner(
     frame: &Frame,
     dst: &mut BytesMut,
     out: &mut Vec<Bytes>,
-    coalesce_below: usize,
-    backing: &[Bytes],
+    pieces: &[Piece],
+    chunked: bool,
 ) {
     let start = dst.len();
     dst.put_bytes(0, HEADER_LEN);
-    let mut payloads: Vec<&Bytes> = Vec::new();
     {
         let mut writer = dst.writer();
         let w = &mut writer;
@@ -366,7 +411,6 @@ fn encode_inner(
             Frame::Watch(m) => options().serialize_into(w, m),
             Frame::WatchEvent(m) => options().serialize_into(w, m),
             Frame::PublishBatch(b) => {
-                payloads.extend(b.messages.iter().map(|m| &m.payload));
                 let meta = PublishBatchMeta {
                     batch_id: b.batch_id,
                     messages: publish_entries(&b.messages),
@@ -374,11 +418,6 @@ fn encode_inner(
                 options().serialize_into(w, &meta)
             }
             Frame::PublishMulti(b) => {
-                payloads.extend(
-                    b.parts
-                        .iter()
-                        .flat_map(|p| p.messages.iter().map(|m| &m.payload)),
-                );
                 let meta = PublishMultiMeta {
                     batch_id: b.batch_id,
                     parts: b
@@ -393,7 +432,6 @@ fn encode_inner(
                 options().serialize_into(w, &meta)
             }
             Frame::Deliver(d) => {
-                payloads.extend(d.messages.iter().map(|m| &m.payload));
                 let meta = DeliverMeta {
                     messages: d
                         .messages
@@ -413,32 +451,15 @@ fn encode_inner(
         result.expect("bincode serialization into memory cannot fail");
     }
     let meta_len = dst.len() - start - HEADER_LEN;
-    let data_len: usize = payloads.iter().map(|p| p.len()).sum();
+    let data_len: usize = pieces.iter().map(|p| p.bytes.len()).sum();
     let len = u32::try_from(meta_len + data_len).expect("frame larger than 4 GiB");
     let header = &mut dst[start..start + HEADER_LEN];
     header[..4].copy_from_slice(&len.to_be_bytes());
     header[4] = frame.kind();
     header[5..9].copy_from_slice(&(meta_len as u32).to_be_bytes());
-    let mut payloads = payloads.into_iter().peekable();
-    while let Some(payload) = payloads.next() {
-        // A run of payloads side by side in one backing buffer is one slice of it.
-        let run = backing.iter().find(|b| within(b, payload)).map(|parent| {
-            let start = payload.as_ptr() as usize - parent.as_ptr() as usize;
-            let mut end = start + payload.len();
-            while let Some(next) = payloads.peek() {
-                if within(parent, next) && next.as_ptr() as usize == parent.as_ptr() as usize + end
-                {
-                    end += next.len();
-                    payloads.next();
-                } else {
-                    break;
-                }
-            }
-            parent.slice(start..end)
-        });
-        let payload = run.as_ref().unwrap_or(payload);
-        if payload.len() < coalesce_below {
-            dst.extend_from_slice(payload);
+    for piece in pieces {
+        if piece.copy {
+            dst.extend_from_slice(&piece.bytes);
         } else {
             if !dst.is_empty() {
                 out.push(dst.split().freeze());
@@ -446,14 +467,14 @@ fn encode_inner(
             // Slices, not copies. Bounded chunks matter: quinn credits a write back to the
             // connection's send window only once the whole chunk is acknowledged, so chunks
             // as large as the window could stall every stream of the connection.
-            let mut rest = payload.clone();
+            let mut rest = piece.bytes.clone();
             while rest.len() > MAX_CHUNK {
                 out.push(rest.split_to(MAX_CHUNK));
             }
             out.push(rest);
         }
     }
-    if coalesce_below != usize::MAX && !dst.is_empty() {
+    if chunked && !dst.is_empty() {
         out.push(dst.split().freeze());
     }
 }

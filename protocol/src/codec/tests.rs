@@ -1720,3 +1720,89 @@ fn backed_encoding_passes_payloads_side_by_side_as_one_uncopied_slice() {
         "the run was copied"
     );
 }
+
+fn deliver_of(payloads: Vec<Bytes>) -> Frame {
+    Frame::Deliver(Deliver {
+        messages: payloads
+            .into_iter()
+            .enumerate()
+            .map(|(i, payload)| DeliveredMessage {
+                offset: i as u64,
+                timestamp_ms: 1,
+                headers: Vec::new(),
+                payload,
+            })
+            .collect(),
+    })
+}
+
+/// The chunks of a backed encoding, checked to carry exactly `encode`'s bytes.
+fn backed_chunks(frame: &Frame, backing: &[Bytes]) -> Vec<Bytes> {
+    let mut chunks = Vec::new();
+    encode_chunks_backed(frame, backing, &mut chunks);
+    assert_eq!(
+        chunks.concat(),
+        encoded(frame).to_vec(),
+        "wire bytes differ"
+    );
+    chunks
+}
+
+/// Whether any chunk points into `buffer` (was passed uncopied).
+fn sliced_from(chunks: &[Bytes], buffer: &Bytes) -> bool {
+    chunks.iter().any(|c| within(buffer, c))
+}
+
+#[test]
+fn backed_encoding_joins_only_neighbours_in_order() {
+    let buffer = payload(5 * 16 * 1024, 0x5a);
+    let piece = |i: usize| buffer.slice(i * 16 * 1024..(i + 1) * 16 * 1024);
+    // Gaps (0 then 2, 1 then 3) and a reversal (2 then 1): nothing to join, each 16 KiB
+    // piece is a fifth of its buffer, so each is copied, and the bytes stay in order.
+    let frame = deliver_of(vec![piece(0), piece(2), piece(1), piece(3)]);
+    let chunks = backed_chunks(&frame, std::slice::from_ref(&buffer));
+    assert!(
+        !sliced_from(&chunks, &buffer),
+        "a fifth of a buffer is kept alive"
+    );
+    // An empty payload between neighbours ends the run there; the bytes are still right.
+    let frame = deliver_of(vec![piece(0), Bytes::new(), piece(1), piece(2), piece(3)]);
+    let chunks = backed_chunks(&frame, std::slice::from_ref(&buffer));
+    assert_eq!(
+        chunks
+            .iter()
+            .filter(|c| within(&buffer, c))
+            .map(Bytes::len)
+            .sum::<usize>(),
+        48 * 1024,
+        "the run after the empty payload, three fifths of the buffer, goes uncopied"
+    );
+}
+
+#[test]
+fn backed_runs_are_split_into_bounded_slices_and_small_shares_are_copied() {
+    // 2.5 MiB of 1 KiB payloads side by side: slices of at most MAX_CHUNK, all uncopied.
+    let buffer = payload(2 * MAX_CHUNK + MAX_CHUNK / 2, 0x6b);
+    let payloads: Vec<Bytes> = (0..buffer.len() / 1024)
+        .map(|i| buffer.slice(i * 1024..(i + 1) * 1024))
+        .collect();
+    let chunks = backed_chunks(&deliver_of(payloads.clone()), std::slice::from_ref(&buffer));
+    let slices: Vec<&Bytes> = chunks.iter().filter(|c| within(&buffer, c)).collect();
+    assert_eq!(
+        slices.iter().map(|c| c.len()).collect::<Vec<_>>(),
+        [MAX_CHUNK, MAX_CHUNK, MAX_CHUNK / 2]
+    );
+    // A run of exactly the threshold that is its whole buffer goes uncopied...
+    let exact = payload(COALESCE_BELOW, 0x7c);
+    let chunks = backed_chunks(
+        &deliver_of(vec![exact.clone()]),
+        std::slice::from_ref(&exact),
+    );
+    assert!(sliced_from(&chunks, &exact));
+    // ...a 100 KiB run out of the 2.5 MiB buffer is copied, not keeping the buffer alive.
+    let chunks = backed_chunks(
+        &deliver_of(payloads[..100].to_vec()),
+        std::slice::from_ref(&buffer),
+    );
+    assert!(!sliced_from(&chunks, &buffer));
+}

@@ -9,14 +9,31 @@ use directmq_protocol::{self as proto, DecodeError, Frame};
 pub enum StreamError {
     #[error("the peer sent an invalid frame: {0}")]
     Decode(#[from] DecodeError),
-    #[error("reading the stream failed: {0}")]
+    #[error("reading the stream failed: {}", read_reason(.0))]
     Read(#[from] quinn::ReadError),
-    #[error("writing the stream failed: {0}")]
+    #[error("writing the stream failed: {}", write_reason(.0))]
     Write(#[from] quinn::WriteError),
     #[error("the stream ended in the middle of a frame")]
     Truncated,
     #[error("a frame took longer than {0:?} to arrive")]
     SlowFrame(std::time::Duration),
+}
+
+/// quinn says only "connection lost"; why it was lost (a refused certificate, a timeout)
+/// is what the reader of the error needs.
+fn read_reason(e: &quinn::ReadError) -> String {
+    match e {
+        quinn::ReadError::ConnectionLost(why) => format!("connection lost: {why}"),
+        other => other.to_string(),
+    }
+}
+
+/// As [`read_reason`], for writes.
+fn write_reason(e: &quinn::WriteError) -> String {
+    match e {
+        quinn::WriteError::ConnectionLost(why) => format!("connection lost: {why}"),
+        other => other.to_string(),
+    }
 }
 
 /// Buffer grown at most this much (or as much as is already buffered, whichever is more)
@@ -171,5 +188,26 @@ impl FrameWriter {
 
     pub fn finish(&mut self) {
         let _ = self.send.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_connection_says_why() {
+        let lost = quinn::ConnectionError::TimedOut;
+        let write = StreamError::from(quinn::WriteError::ConnectionLost(lost.clone()));
+        assert_eq!(
+            write.to_string(),
+            format!("writing the stream failed: connection lost: {lost}")
+        );
+        let read = StreamError::from(quinn::ReadError::ConnectionLost(lost.clone()));
+        assert_eq!(
+            read.to_string(),
+            format!("reading the stream failed: connection lost: {lost}")
+        );
+        assert!(write.to_string().contains("timed out"), "{write}");
     }
 }

@@ -505,16 +505,8 @@ impl Client {
         channel: &str,
         producer_id: &str,
     ) -> Result<Option<u64>, Error> {
-        match self
-            .request(RequestBody::LastSequence {
-                channel: channel.into(),
-                producer_id: producer_id.into(),
-            })
-            .await?
-        {
-            ResponseBody::LastSequence(s) => Ok(s),
-            other => Err(Error::Protocol(format!("unexpected response {other:?}"))),
-        }
+        let mut answers = self.last_sequences(&[channel], producer_id).await?;
+        answers.pop().expect("one answer per channel")
     }
 
     /// Moves a durable consumer (creating it if needed).

@@ -252,8 +252,7 @@ impl LogState {
     /// Notes that a producer's sequences up to `last` are queued.
     pub fn note_pending_sequence(&mut self, channel_id: u64, producer_id: &str, last: u64) {
         if let Some(channel) = self.channels.get_mut(&channel_id) {
-            let producer = channel.producers.entry(producer_id.to_owned()).or_default();
-            producer.pending_last = Some(last);
+            producer_mut(&mut channel.producers, producer_id).pending_last = Some(last);
         }
     }
 
@@ -334,10 +333,7 @@ impl LogState {
         channel.retained_bytes += meta.payload_bytes();
         channel.last_append_ms = channel.last_append_ms.max(meta.timestamp_ms);
         if let Some(stamp) = &meta.producer {
-            let producer = channel
-                .producers
-                .entry(stamp.producer_id.clone())
-                .or_default();
+            let producer = producer_mut(&mut channel.producers, &stamp.producer_id);
             let sequences = (0..stamp.sequences.len()).filter_map(|i| stamp.sequences.get(i));
             producer.durable.record(sequences, meta.base_offset);
             if producer.pending_last <= producer.durable.last_sequence {
@@ -408,6 +404,19 @@ impl LogState {
             self.channels.insert(c.id, channel);
         }
     }
+}
+
+/// A channel's state for `producer_id`, created if new. Looked up by `&str` first: every
+/// batch passes here twice (planned and applied), and `entry` would allocate the owned key
+/// each time even for a producer already known.
+fn producer_mut<'a>(
+    producers: &'a mut HashMap<String, Producer>,
+    producer_id: &str,
+) -> &'a mut Producer {
+    if !producers.contains_key(producer_id) {
+        producers.insert(producer_id.to_owned(), Producer::default());
+    }
+    producers.get_mut(producer_id).expect("just ensured")
 }
 
 #[cfg(test)]

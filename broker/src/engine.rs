@@ -101,21 +101,34 @@ pub fn plan_publish(
         .ok_or_else(|| Refusal::new(ErrorCode::CHANNEL_NOT_FOUND, "the channel was deleted"))?;
     let producer = channel.producers.get(producer_id);
     let check = |sequence| producer.map_or(SequenceCheck::New, |p| p.check(sequence));
-    if messages
-        .iter()
-        .any(|m| check(m.sequence) == SequenceCheck::InFlight)
-    {
+    let (mut all_new, mut in_flight) = (true, false);
+    for m in &messages {
+        match check(m.sequence) {
+            SequenceCheck::New => {}
+            SequenceCheck::InFlight => in_flight = true,
+            _ => all_new = false,
+        }
+    }
+    if in_flight {
         return Ok(PublishDecision::WaitForInFlight(messages));
     }
     let mut duplicates = Vec::new();
-    let mut fresh = Vec::with_capacity(messages.len());
-    for (i, incoming) in messages.into_iter().enumerate() {
-        match check(incoming.sequence) {
-            SequenceCheck::New => fresh.push(incoming),
-            SequenceCheck::Stored(offset) => duplicates.push((i as u32, Some(offset))),
-            SequenceCheck::Forgotten | SequenceCheck::InFlight => duplicates.push((i as u32, None)),
+    // The common case, no retry among them, keeps the list it was given.
+    let fresh = if all_new {
+        messages
+    } else {
+        let mut fresh = Vec::with_capacity(messages.len());
+        for (i, incoming) in messages.into_iter().enumerate() {
+            match check(incoming.sequence) {
+                SequenceCheck::New => fresh.push(incoming),
+                SequenceCheck::Stored(offset) => duplicates.push((i as u32, Some(offset))),
+                SequenceCheck::Forgotten | SequenceCheck::InFlight => {
+                    duplicates.push((i as u32, None))
+                }
+            }
         }
-    }
+        fresh
+    };
     if fresh.is_empty() {
         return Ok(PublishDecision::Append {
             record: None,
@@ -128,7 +141,17 @@ pub fn plan_publish(
     let last = fresh.last().expect("not empty").sequence;
     let base = state.reserve(channel_id, count).expect("channel exists");
     state.note_pending_sequence(channel_id, producer_id, last);
-    let sequences = Sequences::from_list(fresh.iter().map(|m| m.sequence).collect());
+    // Strictly increasing (checked above), so dense exactly when the ends are `count - 1`
+    // apart; no list is built for it.
+    let first = fresh[0].sequence;
+    let sequences = if last - first == count - 1 {
+        Sequences::Dense {
+            first,
+            count: count as u32,
+        }
+    } else {
+        Sequences::from_list(fresh.iter().map(|m| m.sequence).collect())
+    };
     let record = Record::Batch(Batch {
         channel_id,
         base_offset: base,
@@ -325,6 +348,43 @@ mod tests {
             panic!()
         };
         assert!(duplicates.is_empty());
+    }
+
+    #[test]
+    fn a_batch_stamps_its_sequences_as_a_run_only_when_they_are_one() {
+        let mut state = LogState::default();
+        let id = channel(&mut state);
+        let stamped = |state: &mut LogState, sequences: &[u64]| {
+            let PublishDecision::Append {
+                record: Some(Record::Batch(b)),
+                ..
+            } = plan_publish(state, id, "p", msgs(sequences), 9).unwrap()
+            else {
+                panic!("nothing appended")
+            };
+            durable(state, &Record::Batch(b.clone()));
+            b.producer.unwrap().sequences
+        };
+        assert_eq!(
+            stamped(&mut state, &[1, 2, 3]),
+            Sequences::Dense { first: 1, count: 3 }
+        );
+        assert_eq!(
+            stamped(&mut state, &[5, 9, 20]),
+            Sequences::List(vec![5, 9, 20])
+        );
+        // A retried 20 is left out; what remains is a run.
+        assert_eq!(
+            stamped(&mut state, &[20, 21, 22]),
+            Sequences::Dense {
+                first: 21,
+                count: 2
+            }
+        );
+        assert_eq!(
+            stamped(&mut state, &[23, 24, 26]),
+            Sequences::List(vec![23, 24, 26])
+        );
     }
 
     #[test]

@@ -201,7 +201,7 @@ impl ClientConfig {
 /// One live connection and its control stream.
 struct Conn {
     connection: quinn::Connection,
-    control: Mutex<(FrameWriter, FrameReader)>,
+    control: Arc<Mutex<(FrameWriter, FrameReader)>>,
     hello: proto::HelloOk,
 }
 
@@ -328,7 +328,7 @@ impl Client {
         reader.set_max_frame_bytes(hello.max_frame_bytes);
         Ok(Conn {
             connection,
-            control: Mutex::new((writer, reader)),
+            control: Arc::new(Mutex::new((writer, reader))),
             hello,
         })
     }
@@ -406,6 +406,12 @@ impl Client {
     /// time: an agent registering thousands of channels pays a round trip per
     /// [`PIPELINE`] requests instead of one each. Answers come back in request order; an
     /// error that ends the stream fails the call.
+    ///
+    /// Cancel-safe: the exchange runs in a task of its own once the stream is this call's,
+    /// so a caller that stops waiting (a timeout, a dropped future) cannot stop it between
+    /// two writes of one frame, which would leave half a frame on the control stream and
+    /// break every later request on the connection. The task finishes its writes and reads
+    /// its answers off the stream; only the caller's wait ends.
     async fn requests(
         &self,
         bodies: Vec<RequestBody>,
@@ -414,24 +420,18 @@ impl Client {
             return Ok(Vec::new());
         }
         let conn = self.connection().await?;
-        let mut control = conn.control.lock().await;
-        let (writer, reader) = &mut *control;
-        let mut answers = Vec::with_capacity(bodies.len());
-        let mut bodies = bodies.into_iter().peekable();
-        while bodies.peek().is_some() {
-            let mut sent = Vec::with_capacity(PIPELINE);
-            for body in bodies.by_ref().take(PIPELINE) {
-                let request_id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
-                writer
-                    .write(&Frame::Request(proto::Request { request_id, body }))
-                    .await?;
-                sent.push(request_id);
-            }
-            for request_id in sent {
-                answers.push(answer(reader, request_id).await?);
-            }
+        let control = conn.control.clone().lock_owned().await;
+        // Taken under the lock: ids increase in the order requests go on the stream, which
+        // is how `answer` tells an abandoned request's answer from the one it waits for.
+        let first_id = self
+            .inner
+            .next_request
+            .fetch_add(bodies.len() as u64, Ordering::Relaxed);
+        match tokio::spawn(exchange(control, first_id, bodies)).await {
+            Ok(answers) => answers,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(Error::Closed),
         }
-        Ok(answers)
     }
 
     /// Creates a channel (channels are also created on first publish).
@@ -660,6 +660,31 @@ impl Client {
 
 /// Requests written before their answers are read, at most.
 const PIPELINE: usize = 512;
+
+/// Writes `bodies` as requests `first_id..` on the control stream, [`PIPELINE`] ahead of
+/// their answers, and reads the answers in order.
+async fn exchange(
+    mut control: tokio::sync::OwnedMutexGuard<(FrameWriter, FrameReader)>,
+    first_id: u64,
+    bodies: Vec<RequestBody>,
+) -> Result<Vec<Result<ResponseBody, Error>>, Error> {
+    let (writer, reader) = &mut *control;
+    let mut answers = Vec::with_capacity(bodies.len());
+    let mut bodies = (first_id..).zip(bodies).peekable();
+    while bodies.peek().is_some() {
+        let mut sent = Vec::with_capacity(PIPELINE);
+        for (request_id, body) in bodies.by_ref().take(PIPELINE) {
+            writer
+                .write(&Frame::Request(proto::Request { request_id, body }))
+                .await?;
+            sent.push(request_id);
+        }
+        for request_id in sent {
+            answers.push(answer(reader, request_id).await?);
+        }
+    }
+    Ok(answers)
+}
 
 /// Reads the answer to `request_id` off the control stream. Answers to earlier requests
 /// (whose caller gave up waiting) are skipped. `Err` only when the stream cannot go on.

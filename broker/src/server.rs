@@ -29,6 +29,8 @@ const DELIVER_BYTES: u64 = 1024 * 1024;
 const HELLO_LIMIT: u64 = 64 * 1024;
 /// Publish batches accepted on one stream before their acks are written.
 const ACKS_IN_FLIGHT: usize = 256;
+/// Most pipelined channel creations planned together on a control stream.
+const CREATIONS_TOGETHER: usize = 1024;
 /// Channel creations and deletions buffered for slow watchers; one that falls further
 /// behind is sent the full list again.
 const WATCH_BACKLOG: usize = 4096;
@@ -637,10 +639,15 @@ impl Broker {
         mut reader: FrameReader,
     ) {
         let mut shutdown = self.shutdown.subscribe();
+        // A frame already read past a run of creations (below), handled next.
+        let mut ahead = None;
         loop {
-            let next = tokio::select! {
-                next = reader.next() => next,
-                _ = shutdown.changed() => return,
+            let next = match ahead.take() {
+                Some(next) => next,
+                None => tokio::select! {
+                    next = reader.next() => next,
+                    _ = shutdown.changed() => return,
+                },
             };
             let frame = match next {
                 Ok(Some(f)) => f,
@@ -666,24 +673,108 @@ impl Broker {
                     .await;
                 return;
             };
-            let reply = match self.request(&identity, request.body).await {
-                Ok(body) => Frame::Response(proto::Response {
-                    request_id: request.request_id,
-                    body,
-                }),
-                Err(r) => {
-                    metrics::counter!(m::REFUSED, "op" => "request", "code" => r.code.name())
-                        .increment(1);
-                    Frame::Error(proto::ErrorFrame {
-                        request_id: request.request_id,
-                        code: r.code,
-                        message: r.message,
-                    })
+            if let RequestBody::CreateChannel { .. } = &request.body {
+                // Creations a client pipelined behind this one (an agent or a script
+                // creating thousands of shards) are planned together and share group
+                // commits instead of waiting for an fsync each. They are planned in order,
+                // answered in order, and durable before anything after them runs, as if
+                // handled one by one.
+                let mut creations = vec![request];
+                while creations.len() < CREATIONS_TOGETHER {
+                    match reader.next_buffered() {
+                        Ok(Some(Frame::Request(next)))
+                            if matches!(next.body, RequestBody::CreateChannel { .. }) =>
+                        {
+                            creations.push(next)
+                        }
+                        Ok(None) => break,
+                        other => {
+                            ahead = Some(other);
+                            break;
+                        }
+                    }
                 }
-            };
-            if writer.write(&reply).await.is_err() {
+                for (request_id, result) in self.create_channels(&identity, creations).await {
+                    if writer.write(&reply(request_id, result)).await.is_err() {
+                        return;
+                    }
+                }
+                continue;
+            }
+            let result = self.request(&identity, request.body).await;
+            if writer
+                .write(&reply(request.request_id, result))
+                .await
+                .is_err()
+            {
                 return;
             }
+        }
+    }
+
+    /// Creates channels in request order, each queued as soon as it is checked, then waits
+    /// for them all: one group commit can cover every one.
+    async fn create_channels(
+        &self,
+        identity: &Principal,
+        requests: Vec<proto::Request>,
+    ) -> Vec<(u64, Result<ResponseBody, Refusal>)> {
+        let queued: Vec<_> = requests
+            .into_iter()
+            .map(|request| {
+                let RequestBody::CreateChannel { name } = request.body else {
+                    unreachable!("only creations are gathered");
+                };
+                let queued = self.queue_creation(identity, &name);
+                (request.request_id, name, queued)
+            })
+            .collect();
+        let mut results = Vec::with_capacity(queued.len());
+        for (request_id, name, queued) in queued {
+            let result = match queued {
+                Ok(durable) => self.created(&name, durable).await,
+                Err(refusal) => Err(refusal),
+            };
+            results.push((request_id, result));
+        }
+        results
+    }
+
+    /// Checks a creation and queues its record; the receiver answers once it is durable.
+    fn queue_creation(
+        &self,
+        identity: &Principal,
+        name: &str,
+    ) -> Result<oneshot::Receiver<Result<(), Arc<StorageError>>>, Refusal> {
+        self.check_token(identity)?;
+        self.authorize(identity, Right::Admin, name)?;
+        let mut txn = self.store.begin();
+        let (_, record) = engine::resolve_channel(txn.state(), name, true, now_ms())?;
+        let record = record.ok_or_else(|| {
+            Refusal::new(
+                ErrorCode::CHANNEL_EXISTS,
+                format!("channel {name:?} already exists"),
+            )
+        })?;
+        let (tx, rx) = oneshot::channel();
+        txn.append(vec![record], Box::new(move |r| drop(tx.send(r))))
+            .map_err(|e| self.storage_refusal(&e))?;
+        Ok(rx)
+    }
+
+    /// Answers a queued creation once it is durable, and tells watchers.
+    async fn created(
+        &self,
+        name: &str,
+        durable: oneshot::Receiver<Result<(), Arc<StorageError>>>,
+    ) -> Result<ResponseBody, Refusal> {
+        match durable.await {
+            Ok(Ok(())) => {
+                self.announce(proto::WatchEventKind::Created, name);
+                Ok(ResponseBody::Done)
+            }
+            Ok(Err(e)) => Err(self.storage_refusal(&e)),
+            Err(_) => Err(self.storage_refusal(&StorageError::Closed)),
         }
     }
 
@@ -695,29 +786,8 @@ impl Broker {
         self.check_token(identity)?;
         match body {
             RequestBody::CreateChannel { name } => {
-                self.authorize(identity, Right::Admin, &name)?;
-                let record = {
-                    let mut txn = self.store.begin();
-                    let (_, record) = engine::resolve_channel(txn.state(), &name, true, now_ms())?;
-                    let record = record.ok_or_else(|| {
-                        Refusal::new(
-                            ErrorCode::CHANNEL_EXISTS,
-                            format!("channel {name:?} already exists"),
-                        )
-                    })?;
-                    let (tx, rx) = oneshot::channel();
-                    txn.append(vec![record], Box::new(move |r| drop(tx.send(r))))
-                        .map_err(|e| self.storage_refusal(&e))?;
-                    rx
-                };
-                match record.await {
-                    Ok(Ok(())) => {
-                        self.announce(proto::WatchEventKind::Created, &name);
-                        Ok(ResponseBody::Done)
-                    }
-                    Ok(Err(e)) => Err(self.storage_refusal(&e)),
-                    Err(_) => Err(self.storage_refusal(&StorageError::Closed)),
-                }
+                let durable = self.queue_creation(identity, &name)?;
+                self.created(&name, durable).await
             }
             RequestBody::DeleteChannel { name } => {
                 self.authorize(identity, Right::Admin, &name)?;
@@ -2382,6 +2452,21 @@ fn on_disk(payload_bytes: u64, messages: u64) -> u64 {
 }
 
 /// Wire messages as the engine plans them.
+/// The answer to control request `request_id`.
+fn reply(request_id: u64, result: Result<ResponseBody, Refusal>) -> Frame {
+    match result {
+        Ok(body) => Frame::Response(proto::Response { request_id, body }),
+        Err(r) => {
+            metrics::counter!(m::REFUSED, "op" => "request", "code" => r.code.name()).increment(1);
+            Frame::Error(proto::ErrorFrame {
+                request_id,
+                code: r.code,
+                message: r.message,
+            })
+        }
+    }
+}
+
 fn incoming(messages: Vec<proto::PublishMessage>) -> Vec<Incoming> {
     messages
         .into_iter()

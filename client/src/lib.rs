@@ -441,6 +441,26 @@ impl Client {
             .map(drop)
     }
 
+    /// Creates many channels, pipelined: the broker plans creations that arrive together
+    /// as one and they share its group commits, where one call per channel waits for an
+    /// fsync each (10,000 shards: seconds instead of one round trip per 512). One answer
+    /// per name, in order; a name that exists already is `CHANNEL_EXISTS`, as for
+    /// [`Client::create_channel`].
+    pub async fn create_channels(&self, names: &[&str]) -> Result<Vec<Result<(), Error>>, Error> {
+        let bodies = names
+            .iter()
+            .map(|name| RequestBody::CreateChannel {
+                name: (*name).into(),
+            })
+            .collect();
+        Ok(self
+            .requests(bodies)
+            .await?
+            .into_iter()
+            .map(|answer| answer.map(drop))
+            .collect())
+    }
+
     /// Deletes a channel and every message in it.
     pub async fn delete_channel(&self, name: &str) -> Result<(), Error> {
         self.request(RequestBody::DeleteChannel { name: name.into() })

@@ -83,17 +83,8 @@ impl FrameReader {
             self.frame_started = Some(tokio::time::Instant::now());
         }
         loop {
-            if let Some(total) = proto::frame_len(&self.buf, self.max_frame_bytes)? {
-                debug_assert!(self.buf.len() >= total);
-                let frame = proto::decode(&mut self.buf, self.max_frame_bytes)?;
-                if self.buf.is_empty() {
-                    // Let the allocation go with the frame's payloads instead of keeping it
-                    // for the next frame: an idle stream then holds no buffer (thousands of
-                    // channels), and the next frame's allocation is sized to it anyway.
-                    self.buf = BytesMut::new();
-                }
-                self.frame_started = (!self.buf.is_empty()).then(tokio::time::Instant::now);
-                return Ok(frame);
+            if let Some(frame) = self.next_buffered()? {
+                return Ok(Some(frame));
             }
             if self.buf.len() >= proto::HEADER_LEN {
                 // Grow towards the declared size, never far ahead of what came: by at
@@ -129,6 +120,22 @@ impl FrameReader {
     }
 
     /// Changes the largest frame accepted (after the hello announced the peer's limit).
+    /// The next frame if all of it has already been received, without reading the stream:
+    /// what a peer pipelined behind the frame just read.
+    pub fn next_buffered(&mut self) -> Result<Option<Frame>, StreamError> {
+        let Some(frame) = proto::decode(&mut self.buf, self.max_frame_bytes)? else {
+            return Ok(None);
+        };
+        if self.buf.is_empty() {
+            // Let the allocation go with the frame's payloads instead of keeping it for the
+            // next frame: an idle stream then holds no buffer (thousands of channels), and
+            // the next frame's allocation is sized to it anyway.
+            self.buf = BytesMut::new();
+        }
+        self.frame_started = (!self.buf.is_empty()).then(tokio::time::Instant::now);
+        Ok(Some(frame))
+    }
+
     pub fn set_max_frame_bytes(&mut self, max_frame_bytes: u64) {
         self.max_frame_bytes = max_frame_bytes;
     }

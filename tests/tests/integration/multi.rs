@@ -392,6 +392,68 @@ async fn the_new_channels_of_a_frame_are_created_in_a_few_fsyncs() -> Result<()>
     Ok(())
 }
 
+/// Channel creations pipelined on the control stream share group commits, and each still
+/// gets its own answer in order: one that exists already (created earlier or earlier in
+/// the same call) is refused with CHANNEL_EXISTS, a bad name with its own error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_creations_share_group_commits() -> Result<()> {
+    directmq_tests::init_logging();
+    const NEW: u32 = 300;
+    let dir = tempfile::tempdir()?;
+    // A broker of its own: the fsync counter of an in-process one counts other tests' too.
+    let mut broker = ChildBroker::start(&crate::directmq_bin(), dir.path(), None)?;
+    let http = broker.http;
+    let fsyncs = || async move {
+        crate::operations::scrape(http)
+            .await?
+            .get("directmq_storage_fsyncs_total")
+            .copied()
+            .context("no fsync counter on /metrics")
+    };
+    let c = client(broker.quic, dir.path()).await?;
+    c.create_channel("dc-a/made/s000").await?;
+    let mut names: Vec<String> = (0..NEW).map(|i| format!("dc-a/made/s{i:03}")).collect();
+    names.insert(10, "dc-a/made/s005".into());
+    names.insert(20, "not a name".into());
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let before = fsyncs().await?;
+    let answers = c.create_channels(&refs).await?;
+    let spent = fsyncs().await? - before;
+    ensure!(answers.len() == refs.len(), "{} answers", answers.len());
+    ensure!(
+        answers[0].as_ref().err().and_then(|e| e.code()) == Some(ErrorCode::CHANNEL_EXISTS),
+        "re-creating an existing channel: {:?}",
+        answers[0]
+    );
+    ensure!(answers[5].is_ok(), "s005 the first time: {:?}", answers[5]);
+    ensure!(
+        answers[10].as_ref().err().and_then(|e| e.code()) == Some(ErrorCode::CHANNEL_EXISTS),
+        "s005 the second time: {:?}",
+        answers[10]
+    );
+    ensure!(
+        answers[20].as_ref().err().and_then(|e| e.code()) == Some(ErrorCode::INVALID_CHANNEL_NAME),
+        "a bad name: {:?}",
+        answers[20]
+    );
+    let created = answers.iter().filter(|a| a.is_ok()).count();
+    ensure!(created == NEW as usize - 1, "{created} created");
+    // Awaited one by one they need an fsync each, NEW - 1 in all.
+    ensure!(
+        spent < f64::from(NEW / 4),
+        "{spent} fsyncs to create {created} channels"
+    );
+    let listed = c.list_channels("dc-a/made/").await?;
+    ensure!(
+        listed.len() == NEW as usize,
+        "{} channels listed",
+        listed.len()
+    );
+    c.close().await;
+    broker.terminate()?;
+    Ok(())
+}
+
 /// An agent registers all its channels in one call, pipelined past the 512 requests sent
 /// ahead: per channel, in order, the last sequence of a channel it published to, none for
 /// a new one, an error of its own for one the broker refuses; publishing then goes on from

@@ -1275,29 +1275,27 @@ async fn run(
     for p in 0..producers {
         let client = connect(target, &format!("p{p}")).await?;
         if plan.shared {
-            // Created up front, so consumers can subscribe before the first message.
-            let mut creating = JoinSet::new();
-            for ch in channels_of(p, producers, channels) {
-                let control = control.clone();
-                let names = names.clone();
-                creating.spawn(async move {
-                    match control.create_channel(&names[ch]).await {
-                        Err(e) if e.code() != Some(ErrorCode::CHANNEL_EXISTS) => Err(e)
-                            .with_context(|| format!("could not create channel {}", names[ch])),
-                        _ => Ok(()),
+            // Created up front, so consumers can subscribe before the first message; in one
+            // pipelined call, whose creations share the broker's group commits.
+            let chans = channels_of(p, producers, channels);
+            let mine: Vec<&str> = chans.iter().map(|&ch| names[ch].as_str()).collect();
+            let created = control
+                .create_channels(&mine)
+                .await
+                .with_context(|| format!("producer p{p}'s channels could not be created"))?;
+            for (name, result) in mine.iter().zip(created) {
+                match result {
+                    Err(e) if e.code() != Some(ErrorCode::CHANNEL_EXISTS) => {
+                        return Err(e).with_context(|| format!("could not create channel {name}"))
                     }
-                });
-            }
-            while let Some(joined) = creating.join_next().await {
-                joined.context("a channel set-up task panicked")??;
+                    _ => {}
+                }
             }
             let multi = client
                 .multi_producer(&format!("p{p}"), options.clone())
                 .await
                 .with_context(|| format!("producer p{p} could not open its shared stream"))?;
             // Registered in one pipelined call, not a round trip per channel.
-            let chans = channels_of(p, producers, channels);
-            let mine: Vec<&str> = chans.iter().map(|&ch| names[ch].as_str()).collect();
             let answers = multi
                 .open_channels(&mine)
                 .await

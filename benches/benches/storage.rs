@@ -220,6 +220,8 @@ fn storage(c: &mut Criterion) {
     group.finish();
 
     // A store of its own: the index and state above would otherwise count here.
+    drop(store);
+    drop(dir);
     let dir = tempfile::tempdir().expect("temporary directory");
     let store = Store::open(dir.path(), StoreOptions::default()).expect("open store");
     let mut channels = create_channels(&store, MANY_CHANNELS);

@@ -2451,7 +2451,6 @@ fn on_disk(payload_bytes: u64, messages: u64) -> u64 {
     payload_bytes + 64 * messages + 128
 }
 
-/// Wire messages as the engine plans them.
 /// The answer to control request `request_id`.
 fn reply(request_id: u64, result: Result<ResponseBody, Refusal>) -> Frame {
     match result {
@@ -2467,6 +2466,7 @@ fn reply(request_id: u64, result: Result<ResponseBody, Refusal>) -> Frame {
     }
 }
 
+/// Wire messages as the engine plans them.
 fn incoming(messages: Vec<proto::PublishMessage>) -> Vec<Incoming> {
     messages
         .into_iter()

@@ -410,8 +410,9 @@ impl Client {
     /// Cancel-safe: the exchange runs in a task of its own once the stream is this call's,
     /// so a caller that stops waiting (a timeout, a dropped future) cannot stop it between
     /// two writes of one frame, which would leave half a frame on the control stream and
-    /// break every later request on the connection. The task finishes its writes and reads
-    /// its answers off the stream; only the caller's wait ends.
+    /// break every later request on the connection. The task then sends no further request
+    /// and reads the answers to those already sent (the broker carries them out), so the
+    /// stream is left clean for the next call.
     async fn requests(
         &self,
         bodies: Vec<RequestBody>,
@@ -427,10 +428,13 @@ impl Client {
             .inner
             .next_request
             .fetch_add(bodies.len() as u64, Ordering::Relaxed);
-        match tokio::spawn(exchange(control, first_id, bodies)).await {
+        let waiting = Waiting::default();
+        match tokio::spawn(exchange(control, first_id, bodies, waiting.abandoned())).await {
             Ok(answers) => answers,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => Err(Error::Closed),
+            Err(_) => Err(Error::Connection(
+                "the runtime stopped the control request".into(),
+            )),
         }
     }
 
@@ -681,23 +685,44 @@ impl Client {
 /// Requests written before their answers are read, at most.
 const PIPELINE: usize = 512;
 
+/// Set when the caller of [`Client::requests`] stops waiting (its future is dropped).
+#[derive(Default)]
+struct Waiting(Arc<std::sync::atomic::AtomicBool>);
+
+impl Waiting {
+    fn abandoned(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.0.clone()
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
 /// Writes `bodies` as requests `first_id..` on the control stream, [`PIPELINE`] ahead of
-/// their answers, and reads the answers in order.
+/// their answers, and reads the answers in order. Once `abandoned` is set no further
+/// request is written; the answers to those written are still read.
 async fn exchange(
     mut control: tokio::sync::OwnedMutexGuard<(FrameWriter, FrameReader)>,
     first_id: u64,
     bodies: Vec<RequestBody>,
+    abandoned: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<Vec<Result<ResponseBody, Error>>, Error> {
     let (writer, reader) = &mut *control;
     let mut answers = Vec::with_capacity(bodies.len());
     let mut bodies = (first_id..).zip(bodies).peekable();
-    while bodies.peek().is_some() {
+    while bodies.peek().is_some() && !abandoned.load(Ordering::Acquire) {
         let mut sent = Vec::with_capacity(PIPELINE);
         for (request_id, body) in bodies.by_ref().take(PIPELINE) {
             writer
                 .write(&Frame::Request(proto::Request { request_id, body }))
                 .await?;
             sent.push(request_id);
+            if abandoned.load(Ordering::Acquire) {
+                break;
+            }
         }
         for request_id in sent {
             answers.push(answer(reader, request_id).await?);
@@ -707,7 +732,8 @@ async fn exchange(
 }
 
 /// Reads the answer to `request_id` off the control stream. Answers to earlier requests
-/// (whose caller gave up waiting) are skipped. `Err` only when the stream cannot go on.
+/// (of an exchange that failed partway) are skipped. `Err` only when the stream cannot go
+/// on.
 async fn answer(
     reader: &mut FrameReader,
     request_id: u64,

@@ -119,7 +119,6 @@ impl FrameReader {
         }
     }
 
-    /// Changes the largest frame accepted (after the hello announced the peer's limit).
     /// The next frame if all of it has already been received, without reading the stream:
     /// what a peer pipelined behind the frame just read.
     pub fn next_buffered(&mut self) -> Result<Option<Frame>, StreamError> {
@@ -136,6 +135,7 @@ impl FrameReader {
         Ok(Some(frame))
     }
 
+    /// Changes the largest frame accepted (after the hello announced the peer's limit).
     pub fn set_max_frame_bytes(&mut self, max_frame_bytes: u64) {
         self.max_frame_bytes = max_frame_bytes;
     }

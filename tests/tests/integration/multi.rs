@@ -544,22 +544,25 @@ async fn open_channels_answers_each_channel_in_order() -> Result<()> {
 
 /// A caller that stops waiting for its control requests while they are still being written
 /// (a timeout, a dropped future) leaves no half frame on the control stream: the next
-/// request on the connection is answered. The client's send window is made tiny so that
-/// flow control stops the first poll partway into the second request's frame.
+/// request on the connection is answered. And the requests not yet sent are not sent: of
+/// 200 creations abandoned at once, not all are made. The client's send window is made
+/// tiny so that flow control stops the writes partway into the second request's frame
+/// (sending all 200 would take over a hundred round trips).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_abandoned_mid_write_leave_the_control_stream_usable() -> Result<()> {
     directmq_tests::init_logging();
+    const N: usize = 200;
     let dir = tempfile::tempdir()?;
     let running = directmq_broker::start(test_config(dir.path())).await?;
     let mut config = directmq_tests::client_config(running.quic_addr, dir.path())?;
     config.net.send_window_bytes = 100;
     let c = directmq_client::Client::connect(config).await?;
-    let names: Vec<String> = (0..20).map(|i| format!("dc-a/abandoned/s{i:03}")).collect();
+    let names: Vec<String> = (0..N).map(|i| format!("dc-a/abandoned/s{i:04}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let abandoned = tokio::time::timeout(Duration::ZERO, c.last_sequences(&refs, "agent-a")).await;
+    let abandoned = tokio::time::timeout(Duration::ZERO, c.create_channels(&refs)).await;
     ensure!(
         abandoned.is_err(),
-        "twenty requests were written and answered in one poll"
+        "{N} requests were written and answered in one poll"
     );
     tokio::time::timeout(Duration::from_secs(20), c.create_channel("dc-a/after"))
         .await
@@ -570,5 +573,9 @@ async fn requests_abandoned_mid_write_leave_the_control_stream_usable() -> Resul
         listed.iter().any(|ch| ch.name == "dc-a/after"),
         "the channel was not created: {listed:?}"
     );
+    let made = c.list_channels("dc-a/abandoned/").await?.len();
+    ensure!(made < N, "all {N} abandoned creations were still sent");
+    c.close().await;
+    running.shutdown().await;
     Ok(())
 }

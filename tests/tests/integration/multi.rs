@@ -328,6 +328,15 @@ async fn the_disk_budget_counts_a_whole_frame_not_each_part() -> Result<()> {
     Ok(())
 }
 
+/// The fsyncs of the broker serving `/metrics` at `http` so far.
+async fn fsyncs(http: std::net::SocketAddr) -> Result<f64> {
+    crate::operations::scrape(http)
+        .await?
+        .get("directmq_storage_fsyncs_total")
+        .copied()
+        .context("no fsync counter on /metrics")
+}
+
 /// An agent's first frame naming hundreds of channels the broker has never seen creates
 /// them together, in a few group commits: opening them one by one took an fsync each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -341,15 +350,8 @@ async fn the_new_channels_of_a_frame_are_created_in_a_few_fsyncs() -> Result<()>
     let (_control_w, _control_r, reply) = hello(&conn, proto::PROTOCOL_VERSION).await?;
     ensure!(matches!(reply, Some(Frame::HelloOk(_))), "{reply:?}");
     let http = broker.http;
-    let fsyncs = || async move {
-        crate::operations::scrape(http)
-            .await?
-            .get("directmq_storage_fsyncs_total")
-            .copied()
-            .context("no fsync counter on /metrics")
-    };
     let (mut w, mut r) = open_multi(&conn, "agent-new").await?;
-    let before = fsyncs().await?;
+    let before = fsyncs(http).await?;
     let parts = (0..NEW)
         .map(|c| proto::ChannelBatch {
             channel: format!("dc-a/new/s{c:03}"),
@@ -375,7 +377,7 @@ async fn the_new_channels_of_a_frame_are_created_in_a_few_fsyncs() -> Result<()>
     // The log writer takes whatever is queued when it wakes, so how many groups the
     // creations fall into depends on timing (2 to 16 seen under load); awaited one by one
     // they need one each, NEW + 1 in all.
-    let spent = fsyncs().await? - before;
+    let spent = fsyncs(http).await? - before;
     ensure!(
         spent < f64::from(NEW / 4),
         "{spent} fsyncs to create {NEW} channels and append a message to each"
@@ -403,22 +405,15 @@ async fn pipelined_creations_share_group_commits() -> Result<()> {
     // A broker of its own: the fsync counter of an in-process one counts other tests' too.
     let mut broker = ChildBroker::start(&crate::directmq_bin(), dir.path(), None)?;
     let http = broker.http;
-    let fsyncs = || async move {
-        crate::operations::scrape(http)
-            .await?
-            .get("directmq_storage_fsyncs_total")
-            .copied()
-            .context("no fsync counter on /metrics")
-    };
     let c = client(broker.quic, dir.path()).await?;
     c.create_channel("dc-a/made/s000").await?;
     let mut names: Vec<String> = (0..NEW).map(|i| format!("dc-a/made/s{i:03}")).collect();
     names.insert(10, "dc-a/made/s005".into());
     names.insert(20, "not a name".into());
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let before = fsyncs().await?;
+    let before = fsyncs(http).await?;
     let answers = c.create_channels(&refs).await?;
-    let spent = fsyncs().await? - before;
+    let spent = fsyncs(http).await? - before;
     ensure!(answers.len() == refs.len(), "{} answers", answers.len());
     ensure!(
         answers[0].as_ref().err().and_then(|e| e.code()) == Some(ErrorCode::CHANNEL_EXISTS),

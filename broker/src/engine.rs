@@ -267,17 +267,7 @@ mod tests {
     /// Applies what the shell would make durable.
     fn durable(state: &mut LogState, record: &Record) {
         let meta = match record {
-            Record::Batch(b) => RecordMeta::Batch(directmq_storage::BatchMeta {
-                channel_id: b.channel_id,
-                base_offset: b.base_offset,
-                timestamp_ms: b.timestamp_ms,
-                producer: b.producer.clone(),
-                entries: b
-                    .messages
-                    .iter()
-                    .map(|m| (m.headers.clone(), m.payload.len() as u32))
-                    .collect(),
-            }),
+            Record::Batch(b) => RecordMeta::Batch(directmq_storage::BatchMeta::of(b)),
             other => RecordMeta::Other(other.clone()),
         };
         state.apply(&meta);

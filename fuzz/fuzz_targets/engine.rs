@@ -716,17 +716,7 @@ impl World {
                     .or_default()
                     .insert(b.base_offset);
                 // What `Txn::append` hands the writer.
-                RecordMeta::Batch(BatchMeta {
-                    channel_id: b.channel_id,
-                    base_offset: b.base_offset,
-                    timestamp_ms: b.timestamp_ms,
-                    producer: b.producer.clone(),
-                    entries: b
-                        .messages
-                        .iter()
-                        .map(|m| (m.headers.clone(), m.payload.len() as u32))
-                        .collect(),
-                })
+                RecordMeta::Batch(BatchMeta::of(b))
             }
             Record::ChannelCreated { channel_id, .. } => {
                 assert!(

@@ -179,6 +179,21 @@ pub struct BatchMeta {
 }
 
 impl BatchMeta {
+    /// A batch's metadata, copied out of it (what a reader of the log decodes).
+    pub fn of(batch: &Batch) -> BatchMeta {
+        BatchMeta {
+            channel_id: batch.channel_id,
+            base_offset: batch.base_offset,
+            timestamp_ms: batch.timestamp_ms,
+            producer: batch.producer.clone(),
+            entries: batch
+                .messages
+                .iter()
+                .map(|m| (m.headers.clone(), m.payload.len() as u32))
+                .collect(),
+        }
+    }
+
     pub fn end_offset(&self) -> u64 {
         self.base_offset + self.entries.len() as u64
     }
@@ -635,17 +650,7 @@ mod tests {
         anonymous.producer = None;
         anonymous.messages.clear();
         for b in [batch(), sparse, anonymous] {
-            let owned = BatchMeta {
-                channel_id: b.channel_id,
-                base_offset: b.base_offset,
-                timestamp_ms: b.timestamp_ms,
-                producer: b.producer.clone(),
-                entries: b
-                    .messages
-                    .iter()
-                    .map(|m| (m.headers.clone(), m.payload.len() as u32))
-                    .collect(),
-            };
+            let owned = BatchMeta::of(&b);
             let borrowed = BatchMetaRef::of(&b);
             assert_eq!(
                 options().serialize(&borrowed).unwrap(),

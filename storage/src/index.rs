@@ -1,12 +1,15 @@
-//! The sled side of storage (docs/storage.md §4): the batch index and checkpoints.
+//! The batch index and the checkpoint (docs/storage.md §4).
 //!
-//! Nothing here is the only copy of anything: sled's `flush()` does not fsync (sled issue
-//! #1452), so every entry can be rebuilt from the segment files, and is, when the directory
-//! is missing, unreadable or disagrees with the log.
+//! A closed segment's batch entries live in an index file beside it, written once when the
+//! segment closes; the open segments' entries live in memory; sled holds only the checkpoint.
+//! Nothing here is the only copy of anything: every entry can be rebuilt from the segment
+//! files, and is, when an index file is missing or damaged or sled has no checkpoint.
 
-use std::collections::HashMap;
-use std::path::Path;
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bincode::Options;
 use serde::{Deserialize, Serialize};
@@ -31,48 +34,6 @@ impl IndexEntry {
     pub fn end_offset(&self) -> u64 {
         self.base_offset + u64::from(self.count)
     }
-
-    fn encode_value(&self) -> [u8; 40] {
-        let mut v = [0u8; 40];
-        v[0..8].copy_from_slice(&self.segment.to_le_bytes());
-        v[8..16].copy_from_slice(&self.position.to_le_bytes());
-        v[16..20].copy_from_slice(&self.len.to_le_bytes());
-        v[20..24].copy_from_slice(&self.count.to_le_bytes());
-        v[24..32].copy_from_slice(&self.timestamp_ms.to_le_bytes());
-        v[32..40].copy_from_slice(&self.bytes.to_le_bytes());
-        v
-    }
-
-    fn decode(key: &[u8], v: &[u8]) -> Option<IndexEntry> {
-        let u64_at = |b: &[u8], i: usize| {
-            b.get(i..i + 8)
-                .map(|s| u64::from_le_bytes(s.try_into().expect("8")))
-        };
-        let u32_at = |b: &[u8], i: usize| {
-            b.get(i..i + 4)
-                .map(|s| u32::from_le_bytes(s.try_into().expect("4")))
-        };
-        if key.len() != 16 || v.len() != 40 {
-            return None;
-        }
-        Some(IndexEntry {
-            channel_id: u64::from_be_bytes(key[0..8].try_into().ok()?),
-            base_offset: u64::from_be_bytes(key[8..16].try_into().ok()?),
-            segment: u64_at(v, 0)?,
-            position: u64_at(v, 8)?,
-            len: u32_at(v, 16)?,
-            count: u32_at(v, 20)?,
-            timestamp_ms: u64_at(v, 24)?,
-            bytes: u64_at(v, 32)?,
-        })
-    }
-}
-
-fn key(channel_id: u64, offset: u64) -> [u8; 16] {
-    let mut k = [0u8; 16];
-    k[0..8].copy_from_slice(&channel_id.to_be_bytes());
-    k[8..16].copy_from_slice(&offset.to_be_bytes());
-    k
 }
 
 /// Which part of one segment a channel occupies.
@@ -111,9 +72,9 @@ impl SegmentSummary {
 }
 
 /// A consistent point of the log: everything before `(segment, position)` is reflected in
-/// `state` and in the summaries, and everything before `index_from` in the batch index
-/// (recovery indexes again from there: the batches of channels' open chunks in between
-/// may be only in memory).
+/// `state` and in the summaries, and every segment before `index_from` had its index file
+/// written (recovery scans again from there: the entries of segments without one were only
+/// in memory).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Checkpoint {
     pub format: u32,
@@ -125,19 +86,23 @@ pub struct Checkpoint {
     pub index_from: (u64, u64),
 }
 
-const CHECKPOINT_FORMAT: u32 = 2;
+/// Format 3: index files per segment (format 2 kept chunks of entries in sled, format 1 an
+/// entry per batch). A checkpoint of another format is ignored, so the log is indexed again.
+const CHECKPOINT_FORMAT: u32 = 3;
 const CHECKPOINT_KEY: &[u8] = b"checkpoint";
-/// The tree of chunks. Format 1 kept one sled entry per batch in a tree named `batches`;
-/// it is dropped on open (its checkpoint, of format 1, is ignored, so the log is re-indexed).
-const CHUNKS_TREE: &[u8] = b"batch-chunks";
-const OLD_BATCHES_TREE: &[u8] = b"batches";
-/// Batches per chunk: a sled insert costs ~10 µs whatever its size (it copies the leaf it
-/// lands in), so with one-message batches on thousands of channels, one insert per batch
-/// was a quarter of the broker's CPU. Sixteen batches share one insert; the open chunks of
-/// 10,000 channels take at most ~9 MB.
-const CHUNK_ENTRIES: usize = 16;
-/// Bytes of one entry inside a chunk: base offset, then [`IndexEntry::encode_value`].
-const ENTRY_BYTES: usize = 48;
+/// sled trees of earlier formats, dropped on open.
+const OLD_TREES: [&[u8]; 2] = [b"batches", b"batch-chunks"];
+
+/// An index file: this header, the fence (one [`FENCE_BYTES`] row per channel, by channel
+/// id), every entry ([`SLOT_BYTES`] each, by channel then base offset), then a crc32c of
+/// everything before it.
+const FILE_MAGIC: &[u8; 8] = b"DMQIDX\0\x01";
+/// Magic, segment id, segment length covered, channels, entries.
+const FILE_HEADER: usize = 40;
+/// Channel id, first entry, entries, first base offset, last base offset.
+const FENCE_BYTES: usize = 40;
+/// Base offset, position, length, count, timestamp, payload bytes.
+const SLOT_BYTES: usize = 40;
 
 fn options() -> impl Options {
     bincode::DefaultOptions::new()
@@ -145,103 +110,230 @@ fn options() -> impl Options {
         .with_little_endian()
 }
 
-fn encode_chunk(entries: &[IndexEntry]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(entries.len() * ENTRY_BYTES);
-    for e in entries {
-        out.extend_from_slice(&e.base_offset.to_le_bytes());
-        out.extend_from_slice(&e.encode_value());
+/// Where the index file of segment `id` lives: beside it.
+pub fn index_path(log_dir: &Path, id: u64) -> PathBuf {
+    log_dir.join(format!("{id:020}.idx"))
+}
+
+fn u64_at(b: &[u8], i: usize) -> u64 {
+    u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"))
+}
+
+fn u32_at(b: &[u8], i: usize) -> u32 {
+    u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"))
+}
+
+/// An entry without what its place already says (channel and segment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    base_offset: u64,
+    position: u64,
+    len: u32,
+    count: u32,
+    timestamp_ms: u64,
+    bytes: u64,
+}
+
+impl Slot {
+    fn of(e: &IndexEntry) -> Slot {
+        Slot {
+            base_offset: e.base_offset,
+            position: e.position,
+            len: e.len,
+            count: e.count,
+            timestamp_ms: e.timestamp_ms,
+            bytes: e.bytes,
+        }
     }
-    out
-}
 
-fn decode_chunk(key: &[u8], value: &[u8]) -> Vec<IndexEntry> {
-    let Some(channel) = key.get(0..8) else {
-        return Vec::new();
-    };
-    value
-        .chunks_exact(ENTRY_BYTES)
-        .filter_map(|e| {
-            let mut k = [0u8; 16];
-            k[0..8].copy_from_slice(channel);
-            k[8..16].copy_from_slice(&u64::from_le_bytes(e[0..8].try_into().ok()?).to_be_bytes());
-            IndexEntry::decode(&k, &e[8..])
-        })
-        .collect()
-}
+    fn entry(&self, channel_id: u64, segment: u64) -> IndexEntry {
+        IndexEntry {
+            channel_id,
+            base_offset: self.base_offset,
+            segment,
+            position: self.position,
+            len: self.len,
+            count: self.count,
+            timestamp_ms: self.timestamp_ms,
+            bytes: self.bytes,
+        }
+    }
 
-fn key_channel_base(k: &[u8]) -> u64 {
-    k.get(8..16)
-        .and_then(|b| b.try_into().ok())
-        .map_or(0, u64::from_be_bytes)
-}
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.base_offset.to_le_bytes());
+        out.extend_from_slice(&self.position.to_le_bytes());
+        out.extend_from_slice(&self.len.to_le_bytes());
+        out.extend_from_slice(&self.count.to_le_bytes());
+        out.extend_from_slice(&self.timestamp_ms.to_le_bytes());
+        out.extend_from_slice(&self.bytes.to_le_bytes());
+    }
 
-/// Upserts `entry` into a list sorted by base offset.
-fn upsert_sorted(entries: &mut Vec<IndexEntry>, entry: IndexEntry) {
-    match entries.binary_search_by_key(&entry.base_offset, |e| e.base_offset) {
-        Ok(i) => entries[i] = entry,
-        Err(i) => entries.insert(i, entry),
+    fn decode(b: &[u8]) -> Slot {
+        Slot {
+            base_offset: u64_at(b, 0),
+            position: u64_at(b, 8),
+            len: u32_at(b, 16),
+            count: u32_at(b, 20),
+            timestamp_ms: u64_at(b, 24),
+            bytes: u64_at(b, 32),
+        }
     }
 }
 
-/// A channel's newest batches, not yet in a full chunk.
+/// Upserts `slot` into a list sorted by base offset.
+fn upsert_sorted(slots: &mut Vec<Slot>, slot: Slot) {
+    match slots.binary_search_by_key(&slot.base_offset, |s| s.base_offset) {
+        Ok(i) => slots[i] = slot,
+        Err(i) => slots.insert(i, slot),
+    }
+}
+
+/// One open segment's entries, per channel, sorted by base offset. Shared with a thread
+/// writing the segment's index file; a change meanwhile copies it (and the file is not used).
+type Channels = HashMap<u64, Vec<Slot>>;
+
+/// Where a channel's entries are in an index file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fence {
+    start: u64,
+    count: u64,
+    first_base: u64,
+    last_base: u64,
+}
+
+/// A closed segment's index file, read with `pread`: only its fence is in memory.
+#[derive(Debug)]
+struct IndexFile {
+    file: File,
+    /// Where the entries start in the file.
+    entries_at: u64,
+    fence: HashMap<u64, Fence>,
+}
+
+impl IndexFile {
+    fn slots(&self, first: u64, n: u64) -> std::io::Result<Vec<Slot>> {
+        let mut buf = vec![0u8; n as usize * SLOT_BYTES];
+        self.file
+            .read_exact_at(&mut buf, self.entries_at + first * SLOT_BYTES as u64)?;
+        Ok(buf.chunks_exact(SLOT_BYTES).map(Slot::decode).collect())
+    }
+
+    fn base(&self, i: u64) -> std::io::Result<u64> {
+        let mut buf = [0u8; 8];
+        self.file
+            .read_exact_at(&mut buf, self.entries_at + i * SLOT_BYTES as u64)?;
+        Ok(u64::from_le_bytes(buf))
+    }
+
+    /// How many of the channel's entries have a base offset at most `x`.
+    fn count_up_to(&self, fence: &Fence, x: u64) -> std::io::Result<u64> {
+        if fence.first_base > x {
+            return Ok(0);
+        }
+        if fence.last_base <= x {
+            return Ok(fence.count);
+        }
+        let (mut lo, mut hi) = (0, fence.count);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if self.base(fence.start + mid)? <= x {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(lo)
+    }
+
+    /// The channel's visible entries (outside `hidden`) from the last one at or below `at`
+    /// (or the first one, if none is) on, at most `max`.
+    fn read(
+        &self,
+        segment: u64,
+        channel_id: u64,
+        fence: &Fence,
+        hidden: &[(u64, u64)],
+        at: u64,
+        max: usize,
+    ) -> std::io::Result<Vec<IndexEntry>> {
+        let visible = |base: u64| !hidden.iter().any(|&(f, t)| base >= f && base < t);
+        // If the last entry at or below `at` is hidden, so is any use of one before it: a
+        // visible batch before a hidden one ends at or below the hidden one's base.
+        let start = self.count_up_to(fence, at)?.saturating_sub(1);
+        let mut out = Vec::new();
+        let mut i = start;
+        while i < fence.count && out.len() < max {
+            let n = (fence.count - i).min((max - out.len()).max(16) as u64);
+            for slot in self.slots(fence.start + i, n)? {
+                if visible(slot.base_offset) && out.len() < max {
+                    out.push(slot.entry(channel_id, segment));
+                }
+            }
+            i += n;
+        }
+        Ok(out)
+    }
+}
+
+/// A closed segment's entries: its file, and ranges of channels' entries removed since it
+/// was written (a deleted channel, a tail cut off), by channel: `[from, to)`.
+#[derive(Debug)]
+struct Sealed {
+    file: Arc<IndexFile>,
+    hidden: Vec<(u64, u64, u64)>,
+}
+
 #[derive(Debug, Default)]
-struct Tail {
-    /// Sorted by base offset; the chunk's sled key is the first one's. A checkpoint writes
-    /// a copy to sled under that key; the copy here stays authoritative until the chunk is
-    /// full and written for good.
-    entries: Vec<IndexEntry>,
-    /// The highest base offset indexed for the channel: a larger one is appended.
-    last_base: Option<u64>,
-    /// Whether sled holds a copy of `entries` as they are.
-    mirrored: bool,
+struct Segments {
+    open: BTreeMap<u64, Arc<Channels>>,
+    sealed: BTreeMap<u64, Sealed>,
+    /// Segments whose file a thread is writing.
+    sealing: HashSet<u64>,
 }
 
-impl Tail {
-    /// Where in the log the oldest of the open chunk's batches is.
-    fn oldest(&self) -> Option<(u64, u64)> {
-        self.entries.iter().map(|e| (e.segment, e.position)).min()
-    }
-}
-
-/// The sled database: the batch index and the checkpoint.
+/// The batch index (per closed segment an index file, the open segments in memory) and
+/// the checkpoint (in sled).
 ///
-/// A channel's batch entries are grouped in **chunks** of up to [`CHUNK_ENTRIES`], one sled
-/// entry each, keyed by the channel and the chunk's first base offset; chunks of a channel
-/// cover disjoint ranges. The newest chunk of each channel fills in memory and goes to sled
-/// when full. A checkpoint does not copy every open chunk to sled (10,000 of them took
-/// 100-350 ms of the log writer): recovery indexes again from the previous checkpoint's
-/// position, so only open chunks holding a batch older than that are copied. Readers see
-/// a channel's sled chunks below its open chunk, then the open chunk.
+/// Memory no longer follows the log's size: per closed segment, one fence row per channel
+/// in it; the active segment's entries (at most one per record it holds).
 #[derive(Debug)]
 pub struct Index {
     db: sled::Db,
-    chunks: sled::Tree,
-    tails: Mutex<HashMap<u64, Tail>>,
-    /// Serializes changes (the log writer's inserts, retention's removals, checkpoints):
-    /// each reads a chunk, changes it and writes it back. Holds where the next checkpoint
-    /// may let recovery start indexing: the previous checkpoint's position.
-    changing: Mutex<(u64, u64)>,
+    log_dir: PathBuf,
+    segments: Mutex<Segments>,
+}
+
+/// Where a reader looks for a channel's entries.
+enum Source {
+    Memory(Vec<IndexEntry>),
+    File {
+        segment: u64,
+        file: Arc<IndexFile>,
+        fence: Fence,
+        hidden: Vec<(u64, u64)>,
+    },
 }
 
 impl Index {
-    /// Opens (or creates) the index. A sled directory that cannot be opened is discarded and
-    /// recreated: it holds nothing the log cannot give back.
-    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Index, StorageError> {
+    /// Opens (or creates) the checkpoint database in `dir`; index files live in `log_dir`.
+    /// A sled directory that cannot be opened is discarded and recreated: it holds nothing
+    /// the log cannot give back.
+    pub fn open(dir: &Path, log_dir: &Path, cache_bytes: u64) -> Result<Index, StorageError> {
         let open = || -> Result<Index, sled::Error> {
             let db = sled::Config::new()
                 .path(dir)
                 .cache_capacity(cache_bytes)
                 .flush_every_ms(Some(1000))
                 .open()?;
-            if db.tree_names().iter().any(|n| n == OLD_BATCHES_TREE) {
-                db.drop_tree(OLD_BATCHES_TREE)?;
+            for old in OLD_TREES {
+                if db.tree_names().iter().any(|n| n == old) {
+                    db.drop_tree(old)?;
+                }
             }
-            let chunks = db.open_tree(CHUNKS_TREE)?;
             Ok(Index {
                 db,
-                chunks,
-                tails: Mutex::new(HashMap::new()),
-                changing: Mutex::new((0, 0)),
+                log_dir: log_dir.to_path_buf(),
+                segments: Mutex::new(Segments::default()),
             })
         };
         match open() {
@@ -255,209 +347,144 @@ impl Index {
         }
     }
 
-    fn tails(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Tail>> {
-        self.tails.lock().expect("index tails lock")
-    }
-
-    /// The channel's last chunk in sled, if any.
-    fn last_sled_chunk(&self, channel_id: u64) -> Result<Option<Vec<IndexEntry>>, StorageError> {
-        match self
-            .chunks
-            .range(key(channel_id, 0)..=key(channel_id, u64::MAX))
-            .next_back()
-        {
-            Some(item) => {
-                let (k, v) = item?;
-                Ok(Some(decode_chunk(&k, &v)))
-            }
-            None => Ok(None),
-        }
+    fn segments(&self) -> MutexGuard<'_, Segments> {
+        self.segments.lock().expect("index lock")
     }
 
     pub fn insert(&self, entry: &IndexEntry) -> Result<(), StorageError> {
         self.insert_all(std::slice::from_ref(entry))
     }
 
-    /// Indexes batches; one already indexed (same channel and base offset) is replaced.
+    /// Indexes batches; one already indexed (same segment, channel and base offset) is
+    /// replaced. An entry of a segment whose file is written is already in it (recovery
+    /// scanning a segment again).
     pub fn insert_all(&self, entries: &[IndexEntry]) -> Result<(), StorageError> {
-        let _changing = self.changing.lock().expect("index change lock");
-        for entry in entries {
-            self.insert_one(*entry)?;
-        }
-        Ok(())
-    }
-
-    fn insert_one(&self, entry: IndexEntry) -> Result<(), StorageError> {
-        let channel = entry.channel_id;
-        // The common case, a known channel's next batch: one lock, one lookup.
-        let appended = {
-            let mut tails = self.tails();
-            match tails.get_mut(&channel) {
-                Some(tail) if tail.last_base.is_none_or(|last| entry.base_offset > last) => {
-                    Some(Self::append(tail, entry))
-                }
-                Some(_) => None,
-                None => {
-                    drop(tails);
-                    // First sight since the index opened: continue after what sled holds.
-                    let last = self
-                        .last_sled_chunk(channel)?
-                        .and_then(|c| c.last().map(|e| e.base_offset));
-                    let mut tails = self.tails();
-                    let tail = tails.entry(channel).or_default();
-                    tail.last_base = last;
-                    last.is_none_or(|last| entry.base_offset > last)
-                        .then(|| Self::append(tail, entry))
-                }
+        let mut segments = self.segments();
+        let segments = &mut *segments;
+        for e in entries {
+            if segments.sealed.contains_key(&e.segment) {
+                continue;
             }
-        };
-        match appended {
-            Some(Some(chunk)) => {
-                // Into sled first, then out of memory: a reader finds it in one or the other.
-                self.chunks
-                    .insert(key(channel, chunk[0].base_offset), encode_chunk(&chunk))?;
-                let mut tails = self.tails();
-                if let Some(tail) = tails.get_mut(&channel) {
-                    tail.entries = Vec::new();
-                    tail.mirrored = false;
-                }
-                return Ok(());
-            }
-            Some(None) => return Ok(()),
-            None => {}
-        }
-        // An entry at or below the newest one: a compaction copy or a replay of what sled
-        // already holds. Replace it where it lives.
-        {
-            let mut tails = self.tails();
-            if let Some(tail) = tails.get_mut(&channel) {
-                if tail
-                    .entries
-                    .first()
-                    .is_some_and(|f| f.base_offset <= entry.base_offset)
-                {
-                    upsert_sorted(&mut tail.entries, entry);
-                    tail.mirrored = false;
-                    return Ok(());
-                }
-            }
-        }
-        let holder = self
-            .chunks
-            .range(key(channel, 0)..=key(channel, entry.base_offset))
-            .next_back()
-            .transpose()?;
-        match holder {
-            Some((k, v)) => {
-                let mut chunk = decode_chunk(&k, &v);
-                if chunk.contains(&entry) {
-                    // Recovery indexing again what sled already holds.
-                    return Ok(());
-                }
-                upsert_sorted(&mut chunk, entry);
-                self.chunks.insert(k, encode_chunk(&chunk))?;
-            }
-            None => {
-                self.chunks
-                    .insert(key(channel, entry.base_offset), encode_chunk(&[entry]))?;
+            let channels = Arc::make_mut(segments.open.entry(e.segment).or_default());
+            let slots = channels.entry(e.channel_id).or_default();
+            let slot = Slot::of(e);
+            match slots.last() {
+                Some(last) if last.base_offset >= slot.base_offset => upsert_sorted(slots, slot),
+                _ => slots.push(slot),
             }
         }
         Ok(())
     }
 
-    /// Appends to a channel's open chunk; answers the chunk once it is full.
-    fn append(tail: &mut Tail, entry: IndexEntry) -> Option<Vec<IndexEntry>> {
-        if tail.entries.is_empty() {
-            tail.entries.reserve_exact(CHUNK_ENTRIES);
-        }
-        tail.entries.push(entry);
-        tail.last_base = Some(entry.base_offset);
-        tail.mirrored = false;
-        (tail.entries.len() >= CHUNK_ENTRIES).then(|| tail.entries.clone())
-    }
-
-    /// The channel's batches in base offset order, starting with the last one whose base
-    /// offset is at most `at` (or the first one, if none is), until `want` says stop.
-    fn walk(
+    /// The channel's entries starting with the last one whose base offset is at most `at`
+    /// (or the first one, if none is), at most `max`. Where two segments hold a batch (a
+    /// compaction copy and its original), the newer one's entry is answered.
+    fn collect(
         &self,
         channel_id: u64,
         at: u64,
-        mut want: impl FnMut(&IndexEntry) -> bool,
-    ) -> Result<(), StorageError> {
-        let tail: Vec<IndexEntry> = self
-            .tails()
-            .get(&channel_id)
-            .map(|t| t.entries.clone())
-            .unwrap_or_default();
-        let sled_end = tail.first().map_or(u64::MAX, |e| e.base_offset);
-        let mut pending: Option<IndexEntry> = None;
-        // Bases strictly increase along a channel's chunks; a repeat is a chunk seen under
-        // its old and its new key while retention re-keys it.
-        let mut last: Option<u64> = None;
-        let mut step = |entry: IndexEntry| -> bool {
-            if last.is_some_and(|l| entry.base_offset <= l) {
-                return true;
+        max: usize,
+    ) -> Result<Vec<IndexEntry>, StorageError> {
+        // (first base, last base, source)
+        let mut sources: Vec<(u64, u64, Source)> = Vec::new();
+        {
+            let segments = self.segments();
+            for (&segment, channels) in &segments.open {
+                let Some(slots) = channels.get(&channel_id) else {
+                    continue;
+                };
+                let (Some(first), Some(last)) = (slots.first(), slots.last()) else {
+                    continue;
+                };
+                let start = slots
+                    .partition_point(|s| s.base_offset <= at)
+                    .saturating_sub(1);
+                let entries = slots[start..]
+                    .iter()
+                    .take(max)
+                    .map(|s| s.entry(channel_id, segment))
+                    .collect();
+                sources.push((first.base_offset, last.base_offset, Source::Memory(entries)));
             }
-            last = Some(entry.base_offset);
-            if entry.base_offset <= at {
-                pending = Some(entry);
-                return true;
-            }
-            if let Some(before) = pending.take() {
-                if !want(&before) {
-                    return false;
-                }
-            }
-            want(&entry)
-        };
-        if at >= sled_end {
-            // Everything from `at` is in memory: no sled read.
-            for entry in tail {
-                if !step(entry) {
-                    return Ok(());
-                }
-            }
-        } else {
-            let start = self
-                .chunks
-                .range(key(channel_id, 0)..=key(channel_id, at))
-                .next_back()
-                .transpose()?
-                .map_or(key(channel_id, 0), |(k, _)| {
-                    key(channel_id, key_channel_base(&k))
-                });
-            for item in self.chunks.range(start..key(channel_id, sled_end)) {
-                let (k, v) = item?;
-                for entry in decode_chunk(&k, &v) {
-                    if !step(entry) {
-                        return Ok(());
-                    }
-                }
-            }
-            for entry in tail {
-                if !step(entry) {
-                    return Ok(());
-                }
+            for (&segment, sealed) in &segments.sealed {
+                let Some(fence) = sealed.file.fence.get(&channel_id) else {
+                    continue;
+                };
+                let hidden = sealed
+                    .hidden
+                    .iter()
+                    .filter(|h| h.0 == channel_id)
+                    .map(|h| (h.1, h.2))
+                    .collect();
+                sources.push((
+                    fence.first_base,
+                    fence.last_base,
+                    Source::File {
+                        segment,
+                        file: sealed.file.clone(),
+                        fence: *fence,
+                        hidden,
+                    },
+                ));
             }
         }
-        if let Some(last) = pending {
-            want(&last);
+        // A source wholly at or below `at` can only give its last entry, so of those only
+        // the one reaching highest is read (and those with hidden ranges, whose last
+        // visible entry is not known without reading).
+        let hidden_in = |s: &Source| matches!(s, Source::File { hidden, .. } if !hidden.is_empty());
+        let best_below = sources
+            .iter()
+            .filter(|s| s.1 <= at && !hidden_in(&s.2))
+            .map(|s| s.1)
+            .max();
+        sources.retain(|s| s.1 > at || hidden_in(&s.2) || Some(s.1) == best_below);
+        sources.sort_by_key(|s| s.0);
+        let mut out: Vec<IndexEntry> = Vec::new();
+        for (first, _, source) in sources {
+            let k = out
+                .partition_point(|e| e.base_offset <= at)
+                .saturating_sub(1);
+            if out.len() >= k + max && first > at.max(out[k + max - 1].base_offset) {
+                // Sources are in order of their first entry: this one and the rest come
+                // after the `max` entries found.
+                break;
+            }
+            match source {
+                Source::Memory(entries) => out.extend(entries),
+                Source::File {
+                    segment,
+                    file,
+                    fence,
+                    hidden,
+                } => {
+                    let path = index_path(&self.log_dir, segment);
+                    out.extend(
+                        file.read(segment, channel_id, &fence, &hidden, at, max)
+                            .map_err(|e| StorageError::io("read", &path, e))?,
+                    );
+                }
+            }
+            out.sort_by(|a, b| {
+                a.base_offset
+                    .cmp(&b.base_offset)
+                    .then(b.segment.cmp(&a.segment))
+            });
+            out.dedup_by_key(|e| e.base_offset);
         }
-        Ok(())
+        let k = out
+            .partition_point(|e| e.base_offset <= at)
+            .saturating_sub(1);
+        out.drain(..k);
+        out.truncate(max);
+        Ok(out)
     }
 
     /// The batch holding `offset`, or the first one after it.
     pub fn find(&self, channel_id: u64, offset: u64) -> Result<Option<IndexEntry>, StorageError> {
-        let mut found = None;
-        self.walk(channel_id, offset, |e| {
-            if e.end_offset() > offset {
-                found = Some(*e);
-                false
-            } else {
-                true
-            }
-        })?;
-        Ok(found)
+        Ok(self
+            .collect(channel_id, offset, 2)?
+            .into_iter()
+            .find(|e| e.end_offset() > offset))
     }
 
     /// Batches of a channel from `from` (base offset) on, at most `limit`.
@@ -467,91 +494,287 @@ impl Index {
         from: u64,
         limit: usize,
     ) -> Result<Vec<IndexEntry>, StorageError> {
-        let mut out = Vec::new();
         if limit == 0 {
-            return Ok(out);
+            return Ok(Vec::new());
         }
-        self.walk(channel_id, from, |e| {
-            if e.base_offset >= from {
-                out.push(*e);
-            }
-            out.len() < limit
-        })?;
+        let mut out = self.collect(channel_id, from, limit + 1)?;
+        out.retain(|e| e.base_offset >= from);
+        out.truncate(limit);
         Ok(out)
     }
 
     /// Removes a channel's entries whose base offset lies in `[from, to)`.
-    pub fn remove_range(&self, channel_id: u64, from: u64, to: u64) -> Result<usize, StorageError> {
+    pub fn remove_range(&self, channel_id: u64, from: u64, to: u64) -> Result<(), StorageError> {
         if from >= to {
-            return Ok(0);
+            return Ok(());
         }
-        let _changing = self.changing.lock().expect("index change lock");
-        let inside = |e: &IndexEntry| e.base_offset >= from && e.base_offset < to;
-        // Sled chunks that may hold entries in the range: the one holding `from`, and every
-        // one starting inside the range (including a checkpoint's copy of the open chunk).
-        let start = self
-            .chunks
-            .range(key(channel_id, 0)..=key(channel_id, from))
-            .next_back()
-            .transpose()?
-            .map_or(key(channel_id, from), |(k, _)| {
-                key(channel_id, key_channel_base(&k))
-            });
-        let end = key(channel_id, to.saturating_sub(1));
-        let found: Vec<(sled::IVec, sled::IVec)> =
-            self.chunks.range(start..=end).collect::<Result<_, _>>()?;
-        // Base offsets removed (a checkpoint's copy of the open chunk repeats some).
-        let mut gone = std::collections::BTreeSet::new();
-        // One atomic batch: a chunk re-keyed after losing its first entries is never
-        // missing for a reader in between (`walk` skips the repeats it may see instead).
-        let mut batch = sled::Batch::default();
-        for (k, v) in found {
-            let mut chunk = decode_chunk(&k, &v);
-            let before = chunk.len();
-            gone.extend(chunk.iter().filter(|e| inside(e)).map(|e| e.base_offset));
-            chunk.retain(|e| !inside(e));
-            if chunk.len() == before {
+        let mut segments = self.segments();
+        for channels in segments.open.values_mut() {
+            let Some(slots) = channels.get(&channel_id) else {
                 continue;
-            }
-            batch.remove(k);
-            if let Some(first) = chunk.first() {
-                batch.insert(
-                    &key(channel_id, first.base_offset)[..],
-                    encode_chunk(&chunk),
-                );
-            }
-        }
-        self.chunks.apply_batch(batch)?;
-        let mut tails = self.tails();
-        if let Some(tail) = tails.get_mut(&channel_id) {
-            let before = tail.entries.len();
-            gone.extend(
-                tail.entries
-                    .iter()
-                    .filter(|e| inside(e))
-                    .map(|e| e.base_offset),
-            );
-            tail.entries.retain(|e| !inside(e));
-            tail.mirrored &= tail.entries.len() == before;
-            if tail.last_base.is_some_and(|last| last >= from && last < to) {
-                // The newest entries went (a torn tail cut off, or the channel deleted):
-                // the next insert learns again from sled where appends continue.
-                match tail.entries.last() {
-                    Some(last) => tail.last_base = Some(last.base_offset),
-                    None => {
-                        tails.remove(&channel_id);
-                    }
+            };
+            let lo = slots.partition_point(|s| s.base_offset < from);
+            let hi = slots.partition_point(|s| s.base_offset < to);
+            if lo < hi {
+                // Copies the map only if a thread is writing it to a file.
+                let channels = Arc::make_mut(channels);
+                let slots = channels.get_mut(&channel_id).expect("present above");
+                slots.drain(lo..hi);
+                if slots.is_empty() {
+                    channels.remove(&channel_id);
                 }
             }
         }
-        Ok(gone.len())
+        for sealed in segments.sealed.values_mut() {
+            if let Some(f) = sealed.file.fence.get(&channel_id) {
+                if f.first_base < to && f.last_base >= from {
+                    sealed.hidden.push((channel_id, from, to));
+                }
+            }
+        }
+        Ok(())
     }
 
+    /// Writes the index file of every open segment before `active` (closed segments) and
+    /// answers their entries from it from then on.
+    pub fn seal_closed(&self, active: u64) -> Result<(), StorageError> {
+        let closed: Vec<u64> = self
+            .segments()
+            .open
+            .range(..active)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in closed {
+            self.seal(id)?;
+        }
+        Ok(())
+    }
+
+    /// Writes a closed segment's index file and drops its entries from memory. Not
+    /// fsync'd: a file that a crash damaged or lost fails its checks on the next open and is
+    /// written again from the segment. If the entries change meanwhile (a removal, the
+    /// segment deleted), the file is discarded and the entries stay in memory.
+    pub fn seal(&self, segment: u64) -> Result<(), StorageError> {
+        let channels = {
+            let mut segments = self.segments();
+            let Some(channels) = segments.open.get(&segment).cloned() else {
+                return Ok(());
+            };
+            if !segments.sealing.insert(segment) {
+                return Ok(());
+            }
+            channels
+        };
+        let written = self.write_file(segment, &channels);
+        let mut segments = self.segments();
+        segments.sealing.remove(&segment);
+        let file = written?;
+        let path = index_path(&self.log_dir, segment);
+        match segments.open.get(&segment) {
+            Some(now) if Arc::ptr_eq(now, &channels) => {
+                segments.open.remove(&segment);
+                segments.sealed.insert(
+                    segment,
+                    Sealed {
+                        file: Arc::new(file),
+                        hidden: Vec::new(),
+                    },
+                );
+            }
+            _ => {
+                drop(file);
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::warn!(error = %e, path = %path.display(), "could not remove a stale index file");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_file(&self, segment: u64, channels: &Channels) -> Result<IndexFile, StorageError> {
+        let seg_path = crate::segment::segment_path(&self.log_dir, segment);
+        let segment_len = std::fs::metadata(&seg_path)
+            .map_err(|e| StorageError::io("stat", &seg_path, e))?
+            .len();
+        let mut ids: Vec<u64> = channels
+            .iter()
+            .filter(|(_, slots)| !slots.is_empty())
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        let total: usize = ids.iter().map(|id| channels[id].len()).sum();
+        let entries_at = FILE_HEADER + ids.len() * FENCE_BYTES;
+        let mut buf = Vec::with_capacity(entries_at + total * SLOT_BYTES + 4);
+        buf.extend_from_slice(FILE_MAGIC);
+        for v in [segment, segment_len, ids.len() as u64, total as u64] {
+            buf.extend_from_slice(&v.to_le_bytes());
+        }
+        let mut fence = HashMap::with_capacity(ids.len());
+        let mut start = 0u64;
+        for id in &ids {
+            let slots = &channels[id];
+            let f = Fence {
+                start,
+                count: slots.len() as u64,
+                first_base: slots[0].base_offset,
+                last_base: slots[slots.len() - 1].base_offset,
+            };
+            for v in [*id, f.start, f.count, f.first_base, f.last_base] {
+                buf.extend_from_slice(&v.to_le_bytes());
+            }
+            fence.insert(*id, f);
+            start += f.count;
+        }
+        for id in &ids {
+            for slot in &channels[id] {
+                slot.encode(&mut buf);
+            }
+        }
+        let crc = crc32c::crc32c(&buf);
+        buf.extend_from_slice(&crc.to_le_bytes());
+        let path = index_path(&self.log_dir, segment);
+        let tmp = path.with_extension("idx.tmp");
+        std::fs::write(&tmp, &buf).map_err(|e| StorageError::io("write", &tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| StorageError::io("rename", &tmp, e))?;
+        let file = File::open(&path).map_err(|e| StorageError::io("open", &path, e))?;
+        Ok(IndexFile {
+            file,
+            entries_at: entries_at as u64,
+            fence,
+        })
+    }
+
+    /// Uses a closed segment's index file from an earlier run if it is whole and matches
+    /// the segment; answers whether it did. A damaged or mismatched one is deleted.
+    pub fn load_sealed(&self, segment: u64) -> bool {
+        let path = index_path(&self.log_dir, segment);
+        match self.read_file(segment, &path) {
+            Ok(file) => {
+                self.segments().sealed.insert(
+                    segment,
+                    Sealed {
+                        file: Arc::new(file),
+                        hidden: Vec::new(),
+                    },
+                );
+                true
+            }
+            Err(reason) => {
+                if path.exists() {
+                    tracing::warn!(segment, %reason, "index file unusable; indexing the segment again");
+                    let _ = std::fs::remove_file(&path);
+                }
+                false
+            }
+        }
+    }
+
+    fn read_file(&self, segment: u64, path: &Path) -> Result<IndexFile, String> {
+        let seg_path = crate::segment::segment_path(&self.log_dir, segment);
+        let segment_len = std::fs::metadata(&seg_path)
+            .map_err(|e| e.to_string())?
+            .len();
+        let buf = std::fs::read(path).map_err(|e| e.to_string())?;
+        if buf.len() < FILE_HEADER + 4 || &buf[..8] != FILE_MAGIC {
+            return Err("not an index file".into());
+        }
+        let (body, crc) = buf.split_at(buf.len() - 4);
+        if crc32c::crc32c(body) != u32_at(crc, 0) {
+            return Err("checksum mismatch".into());
+        }
+        let (id, covered, channels, entries) = (
+            u64_at(body, 8),
+            u64_at(body, 16),
+            u64_at(body, 24),
+            u64_at(body, 32),
+        );
+        if id != segment || covered != segment_len {
+            return Err(format!(
+                "written for segment {id} of {covered} bytes, not {segment} of {segment_len}"
+            ));
+        }
+        let entries_at = FILE_HEADER as u64 + channels * FENCE_BYTES as u64;
+        if entries_at + entries * SLOT_BYTES as u64 != body.len() as u64 {
+            return Err("length does not match its counts".into());
+        }
+        let mut fence = HashMap::with_capacity(channels as usize);
+        for row in body[FILE_HEADER..entries_at as usize].chunks_exact(FENCE_BYTES) {
+            let f = Fence {
+                start: u64_at(row, 8),
+                count: u64_at(row, 16),
+                first_base: u64_at(row, 24),
+                last_base: u64_at(row, 32),
+            };
+            if f.count == 0 || f.start + f.count > entries {
+                return Err("fence out of range".into());
+            }
+            fence.insert(u64_at(row, 0), f);
+        }
+        let file = File::open(path).map_err(|e| e.to_string())?;
+        Ok(IndexFile {
+            file,
+            entries_at,
+            fence,
+        })
+    }
+
+    /// Segments whose entries are held in memory, and how many entries that is.
+    #[cfg(test)]
+    pub fn in_memory(&self) -> (usize, usize) {
+        let segments = self.segments();
+        let entries = segments
+            .open
+            .values()
+            .flat_map(|channels| channels.values())
+            .map(Vec::len)
+            .sum();
+        (segments.open.len(), entries)
+    }
+
+    /// Forgets a deleted segment's entries and deletes its index file.
+    pub fn drop_segment(&self, segment: u64) -> Result<(), StorageError> {
+        let mut segments = self.segments();
+        segments.open.remove(&segment);
+        segments.sealed.remove(&segment);
+        let path = index_path(&self.log_dir, segment);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StorageError::io("delete", &path, e)),
+        }
+    }
+
+    /// Deletes index files of segments not in `ids` (their segment was deleted before the
+    /// file was) and unfinished ones.
+    pub fn remove_stray_files(&self, ids: &[u64]) -> Result<(), StorageError> {
+        let dir = &self.log_dir;
+        for entry in std::fs::read_dir(dir).map_err(|e| StorageError::io("list", dir, e))? {
+            let entry = entry.map_err(|e| StorageError::io("list", dir, e))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let stray = if name.ends_with(".idx.tmp") {
+                true
+            } else if let Some(stem) = name.strip_suffix(".idx") {
+                stem.parse::<u64>().is_ok_and(|id| !ids.contains(&id))
+            } else {
+                false
+            };
+            if stray {
+                let path = entry.path();
+                std::fs::remove_file(&path).map_err(|e| StorageError::io("delete", &path, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets every entry and the checkpoint, and deletes every index file.
     pub fn clear(&self) -> Result<(), StorageError> {
-        let mut changing = self.changing.lock().expect("index change lock");
-        *changing = (0, 0);
-        self.tails().clear();
-        self.chunks.clear()?;
+        {
+            let mut segments = self.segments();
+            segments.open.clear();
+            segments.sealed.clear();
+        }
+        self.remove_stray_files(&[])?;
         self.db.remove(CHECKPOINT_KEY)?;
         Ok(())
     }
@@ -573,47 +796,20 @@ impl Index {
         }
     }
 
-    /// Where recovery indexes from until the first checkpoint is saved: where it started
-    /// indexing (every open chunk was filled from there on).
-    pub fn set_indexed_from(&self, from: (u64, u64)) {
-        *self.changing.lock().expect("index change lock") = from;
-    }
-
-    /// Stores a checkpoint once every entry before its `index_from` (the previous
-    /// checkpoint's position) is in sled and flushed, so a checkpoint sled gives back
-    /// implies the entries it covers are there too: open chunks holding an older batch
-    /// are copied to sled first.
+    /// Stores a checkpoint. Its `index_from` is the first segment still indexed only in
+    /// memory: recovery scans from there, and uses (after checking) the index files before.
+    /// sled's `flush()` issues `sync_file_range`, not fsync (sled issue #1452): a checkpoint
+    /// lost with a power failure only makes recovery start from an older one.
     pub fn save_checkpoint(&self, mut checkpoint: Checkpoint) -> Result<(), StorageError> {
         checkpoint.format = CHECKPOINT_FORMAT;
-        let mut changing = self.changing.lock().expect("index change lock");
-        let from = *changing;
-        let stale: Vec<(u64, [u8; 16], Vec<u8>)> = self
-            .tails()
-            .iter()
-            .filter(|(_, t)| !t.mirrored && t.oldest().is_some_and(|o| o < from))
-            .filter_map(|(channel, t)| {
-                let first = t.entries.first()?;
-                Some((
-                    *channel,
-                    key(*channel, first.base_offset),
-                    encode_chunk(&t.entries),
-                ))
-            })
-            .collect();
-        for (channel, k, chunk) in stale {
-            self.chunks.insert(k, chunk)?;
-            if let Some(tail) = self.tails().get_mut(&channel) {
-                tail.mirrored = true;
-            }
-        }
-        checkpoint.index_from = from;
-        self.db.flush()?;
+        let first_open = self.segments().open.keys().next().copied();
+        let from = first_open.map_or(checkpoint.segment, |id| id.min(checkpoint.segment));
+        checkpoint.index_from = (from, 0);
         let bytes = options()
             .serialize(&checkpoint)
             .expect("bincode serialization into memory cannot fail");
         self.db.insert(CHECKPOINT_KEY, bytes)?;
         self.db.flush()?;
-        *changing = (checkpoint.segment, checkpoint.position);
         Ok(())
     }
 }
@@ -633,6 +829,18 @@ mod tests {
             timestamp_ms: 5,
             bytes: 7,
         }
+    }
+
+    /// An index over a log directory holding empty segments `0..segments`.
+    fn index_with_segments(dir: &Path, segments: u64) -> Index {
+        let log = dir.join("log");
+        std::fs::create_dir_all(&log).unwrap();
+        for id in 0..segments {
+            if !crate::segment::segment_path(&log, id).exists() {
+                crate::segment::create_segment(&log, id).unwrap();
+            }
+        }
+        Index::open(&dir.join("index"), &log, 1 << 20).unwrap()
     }
 
     #[test]
@@ -660,42 +868,161 @@ mod tests {
     }
 
     #[test]
-    fn finds_the_batch_holding_an_offset() {
+    fn finds_the_batch_holding_an_offset_in_memory_and_in_a_file() {
         let dir = tempfile::tempdir().unwrap();
-        let index = Index::open(dir.path(), 1 << 20).unwrap();
-        index.insert(&entry(1, 0, 10)).unwrap();
-        index.insert(&entry(1, 10, 5)).unwrap();
-        index.insert(&entry(2, 0, 3)).unwrap();
-        assert_eq!(index.find(1, 0).unwrap().unwrap().base_offset, 0);
-        assert_eq!(index.find(1, 12).unwrap().unwrap().base_offset, 10);
-        assert_eq!(index.find(1, 15).unwrap(), None);
-        assert_eq!(index.find(2, 2).unwrap().unwrap().channel_id, 2);
-        assert_eq!(index.scan(1, 0, 10).unwrap().len(), 2);
-        assert_eq!(index.remove_range(1, 0, 10).unwrap(), 1);
+        let index = index_with_segments(dir.path(), 3);
+        let e = |channel, base, count, segment| IndexEntry {
+            segment,
+            ..entry(channel, base, count)
+        };
+        index.insert(&e(1, 0, 10, 1)).unwrap();
+        index.insert(&e(2, 0, 3, 1)).unwrap();
+        index.insert(&e(1, 10, 5, 2)).unwrap();
+        for sealed in [false, true] {
+            assert_eq!(index.find(1, 0).unwrap(), Some(e(1, 0, 10, 1)), "{sealed}");
+            assert_eq!(index.find(1, 9).unwrap(), Some(e(1, 0, 10, 1)));
+            assert_eq!(index.find(1, 12).unwrap(), Some(e(1, 10, 5, 2)));
+            assert_eq!(index.find(1, 15).unwrap(), None);
+            assert_eq!(index.find(2, 2).unwrap(), Some(e(2, 0, 3, 1)));
+            assert_eq!(index.find(3, 0).unwrap(), None);
+            assert_eq!(index.scan(1, 0, 10).unwrap().len(), 2);
+            assert_eq!(index.scan(1, 1, 10).unwrap(), vec![e(1, 10, 5, 2)]);
+            index.seal_closed(2).unwrap();
+            assert!(index_path(&dir.path().join("log"), 1).exists());
+        }
+        index.remove_range(1, 0, 10).unwrap();
         // An offset below the first retained batch finds the next one.
-        assert_eq!(index.find(1, 3).unwrap().unwrap().base_offset, 10);
+        assert_eq!(index.find(1, 3).unwrap(), Some(e(1, 10, 5, 2)));
+        assert_eq!(index.find(2, 0).unwrap(), Some(e(2, 0, 3, 1)));
     }
 
     #[test]
-    fn checkpoint_round_trips() {
+    fn checkpoint_round_trips_and_starts_indexing_at_the_first_segment_in_memory() {
         let dir = tempfile::tempdir().unwrap();
-        let index = Index::open(dir.path(), 1 << 20).unwrap();
+        let index = index_with_segments(dir.path(), 4);
         assert!(index.load_checkpoint().unwrap().is_none());
         let mut summary = SegmentSummary::default();
         summary.add(3, 0, 5, 100);
         summary.add(3, 5, 9, 10);
-        index
-            .save_checkpoint(Checkpoint {
-                segment: 2,
-                position: 99,
-                summaries: vec![(2, summary.clone())],
-                ..Checkpoint::default()
-            })
-            .unwrap();
+        for segment in 1..4 {
+            index
+                .insert(&IndexEntry {
+                    segment,
+                    ..entry(3, segment, 1)
+                })
+                .unwrap();
+        }
+        index.seal(1).unwrap();
+        let checkpoint = Checkpoint {
+            segment: 3,
+            position: 99,
+            summaries: vec![(2, summary.clone())],
+            ..Checkpoint::default()
+        };
+        index.save_checkpoint(checkpoint.clone()).unwrap();
         let loaded = index.load_checkpoint().unwrap().unwrap();
-        assert_eq!((loaded.segment, loaded.position), (2, 99));
+        assert_eq!((loaded.segment, loaded.position), (3, 99));
         assert_eq!(loaded.summaries[0].1.spans[&3].end_offset, 9);
         assert_eq!(loaded.summaries[0].1.spans[&3].bytes, 110);
+        // Segment 2 has no file yet.
+        assert_eq!(loaded.index_from, (2, 0));
+        index.seal_closed(3).unwrap();
+        index.save_checkpoint(checkpoint).unwrap();
+        assert_eq!(index.load_checkpoint().unwrap().unwrap().index_from, (3, 0));
+    }
+
+    #[test]
+    fn an_index_file_is_used_again_only_if_whole_and_for_its_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let entries: Vec<IndexEntry> = (0..300)
+            .map(|i| IndexEntry {
+                segment: 1,
+                ..entry(i % 7, i * 3, 2)
+            })
+            .collect();
+        {
+            let index = index_with_segments(dir.path(), 2);
+            index.insert_all(&entries).unwrap();
+            index.seal(1).unwrap();
+        }
+        let reopen = || {
+            let index = index_with_segments(dir.path(), 2);
+            let loaded = index.load_sealed(1);
+            (index, loaded)
+        };
+        let (index, loaded) = reopen();
+        assert!(loaded);
+        for e in &entries {
+            assert_eq!(
+                index.find(e.channel_id, e.base_offset + 1).unwrap(),
+                Some(*e)
+            );
+        }
+        assert_eq!(
+            index.scan(3, 0, 1000).unwrap(),
+            entries
+                .iter()
+                .filter(|e| e.channel_id == 3)
+                .copied()
+                .collect::<Vec<_>>()
+        );
+        drop(index);
+        // A flipped byte: the checksum fails, the file is deleted.
+        let path = index_path(&log, 1);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let good = bytes.clone();
+        bytes[100] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let (index, loaded) = reopen();
+        assert!(!loaded);
+        assert!(!path.exists());
+        assert_eq!(index.find(3, 0).unwrap(), None);
+        drop(index);
+        // A segment that grew since (not the file it was written for): not used.
+        std::fs::write(&path, &good).unwrap();
+        let segment = crate::segment::segment_path(&log, 1);
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&segment)
+            .unwrap();
+        file.set_len(file.metadata().unwrap().len() + 10).unwrap();
+        let (_, loaded) = reopen();
+        assert!(!loaded);
+        // Cut short: not used.
+        let len = std::fs::metadata(&segment).unwrap().len();
+        file.set_len(len - 10).unwrap();
+        std::fs::write(&path, &good[..good.len() - 1]).unwrap();
+        let (_, loaded) = reopen();
+        assert!(!loaded);
+    }
+
+    #[test]
+    fn stray_index_files_are_removed_and_deleted_segments_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let index = index_with_segments(dir.path(), 3);
+        for segment in 0..3 {
+            index
+                .insert(&IndexEntry {
+                    segment,
+                    ..entry(1, segment * 10, 10)
+                })
+                .unwrap();
+        }
+        index.seal_closed(2).unwrap();
+        assert!(index_path(&log, 0).exists() && index_path(&log, 1).exists());
+        index.drop_segment(0).unwrap();
+        assert!(!index_path(&log, 0).exists());
+        assert_eq!(index.find(1, 0).unwrap().unwrap().base_offset, 10);
+        std::fs::write(log.join("00000000000000000005.idx.tmp"), b"x").unwrap();
+        index.remove_stray_files(&[0, 2]).unwrap();
+        assert!(!index_path(&log, 1).exists());
+        assert!(!log.join("00000000000000000005.idx.tmp").exists());
+        // A dropped segment is not sealed afterwards.
+        index.drop_segment(2).unwrap();
+        index.seal(2).unwrap();
+        assert!(!index_path(&log, 2).exists());
     }
 
     /// A tiny deterministic generator for the model test (no dependency needed).
@@ -712,7 +1039,7 @@ mod tests {
 
     /// What the index must answer, from a plain sorted map.
     fn model_find(
-        model: &std::collections::BTreeMap<(u64, u64), IndexEntry>,
+        model: &BTreeMap<(u64, u64), IndexEntry>,
         channel: u64,
         offset: u64,
     ) -> Option<IndexEntry> {
@@ -729,7 +1056,7 @@ mod tests {
 
     fn check_against(
         index: &Index,
-        model: &std::collections::BTreeMap<(u64, u64), IndexEntry>,
+        model: &BTreeMap<(u64, u64), IndexEntry>,
         channels: u64,
         max_offset: u64,
     ) {
@@ -740,195 +1067,117 @@ mod tests {
                     model_find(model, channel, offset),
                     "find({channel}, {offset})"
                 );
-                let want: Vec<IndexEntry> = model
-                    .range((channel, offset)..=(channel, u64::MAX))
-                    .take(5)
-                    .map(|(_, e)| *e)
-                    .collect();
-                assert_eq!(
-                    index.scan(channel, offset, 5).unwrap(),
-                    want,
-                    "scan({channel}, {offset})"
-                );
+                for limit in [1, 5] {
+                    let want: Vec<IndexEntry> = model
+                        .range((channel, offset)..=(channel, u64::MAX))
+                        .take(limit)
+                        .map(|(_, e)| *e)
+                        .collect();
+                    assert_eq!(
+                        index.scan(channel, offset, limit).unwrap(),
+                        want,
+                        "scan({channel}, {offset}, {limit})"
+                    );
+                }
             }
         }
     }
 
-    /// A checkpoint at the log position of step `step` of the model test.
-    fn at(step: u64) -> Checkpoint {
-        Checkpoint {
-            segment: 1 + step / 100,
-            position: step,
-            ..Checkpoint::default()
-        }
-    }
-
     #[test]
-    fn a_checkpoint_copies_only_open_chunks_older_than_the_previous_one() {
+    fn entries_in_memory_and_in_files_answer_like_a_sorted_map_through_every_change() {
         let dir = tempfile::tempdir().unwrap();
-        let e = |channel, base, position| IndexEntry {
-            segment: 1,
-            position,
-            ..entry(channel, base, 1)
-        };
-        {
-            let index = Index::open(dir.path(), 1 << 20).unwrap();
-            index.insert(&e(1, 0, 10)).unwrap();
-            // The first checkpoint lets recovery index from the start: nothing is copied.
-            index
-                .save_checkpoint(Checkpoint {
-                    segment: 1,
-                    position: 20,
-                    ..Checkpoint::default()
-                })
-                .unwrap();
-            assert_eq!(index.chunks.len(), 0);
-            index.insert(&e(2, 0, 30)).unwrap();
-            // The second lets recovery start at 20: channel 1's open chunk (at 10) is copied,
-            // channel 2's (at 30) is left to recovery.
-            index
-                .save_checkpoint(Checkpoint {
-                    segment: 1,
-                    position: 40,
-                    ..Checkpoint::default()
-                })
-                .unwrap();
-            assert_eq!(index.chunks.len(), 1);
-            assert_eq!(
-                index.load_checkpoint().unwrap().unwrap().index_from,
-                (1, 20)
-            );
-        }
-        let index = Index::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(index.find(1, 0).unwrap(), Some(e(1, 0, 10)));
-        assert_eq!(index.find(2, 0).unwrap(), None);
-    }
-
-    #[test]
-    fn chunked_entries_answer_like_a_sorted_map_through_every_change() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut model = std::collections::BTreeMap::new();
+        // Segments 1..=20 take the appends, 999 the compaction copies.
+        let index = index_with_segments(dir.path(), 21);
+        crate::segment::create_segment(&dir.path().join("log"), 999).unwrap();
+        let mut model = BTreeMap::new();
         let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
         let channels = 4;
         let mut heads = vec![0u64; channels as usize];
-        {
-            let index = Index::open(dir.path(), 1 << 20).unwrap();
-            for step in 0..2_000u64 {
-                let channel = rng.below(channels);
-                let head = &mut heads[channel as usize];
-                match rng.below(20) {
-                    // Mostly appends of batches of 1-3 messages.
-                    0..=14 => {
-                        let count = 1 + rng.below(3) as u32;
-                        let e = IndexEntry {
-                            segment: 1 + step / 100,
+        for step in 0..2_000u64 {
+            let segment = 1 + step / 100;
+            // A new segment: the ones before it get their files.
+            index.seal_closed(segment).unwrap();
+            let channel = rng.below(channels);
+            let head = &mut heads[channel as usize];
+            match rng.below(20) {
+                // Mostly appends of batches of 1-3 messages.
+                0..=14 => {
+                    let count = 1 + rng.below(3) as u32;
+                    let e = IndexEntry {
+                        segment,
+                        position: step,
+                        ..entry(channel, *head, count)
+                    };
+                    *head += u64::from(count);
+                    index.insert(&e).unwrap();
+                    model.insert((channel, e.base_offset), e);
+                }
+                // A compaction copy: an existing batch is copied to a newer segment.
+                15 | 16 => {
+                    let picked = model
+                        .range((channel, 0)..=(channel, u64::MAX))
+                        .nth(rng.below(40) as usize)
+                        .map(|(_, e)| *e);
+                    if let Some(e) = picked {
+                        let moved = IndexEntry {
+                            segment: 999,
                             position: step,
-                            ..entry(channel, *head, count)
+                            ..e
                         };
-                        *head += u64::from(count);
-                        index.insert(&e).unwrap();
-                        model.insert((channel, e.base_offset), e);
+                        index.insert(&moved).unwrap();
+                        model.insert((channel, e.base_offset), moved);
                     }
-                    // A compaction copy: an existing batch moves.
-                    15 | 16 => {
-                        let picked = model
-                            .range((channel, 0)..=(channel, u64::MAX))
-                            .nth(rng.below(40) as usize)
-                            .map(|(_, e)| *e);
-                        if let Some(e) = picked {
-                            let moved = IndexEntry {
-                                segment: 999,
-                                position: step,
-                                ..e
-                            };
-                            index.insert(&moved).unwrap();
-                            model.insert((channel, e.base_offset), moved);
-                        }
-                    }
-                    // Retention: a prefix goes.
-                    17 => {
-                        let to = rng.below(*head + 1);
-                        index.remove_range(channel, 0, to).unwrap();
-                        model.retain(|&(c, base), _| c != channel || base >= to);
-                    }
-                    // A torn tail cut off: appends continue lower.
-                    18 => {
-                        let from = head.saturating_sub(rng.below(6));
-                        index.remove_range(channel, from, u64::MAX).unwrap();
-                        model.retain(|&(c, base), _| c != channel || base < from);
-                        // Appends continue after the last batch left, as recovery's head does.
-                        *head = model
-                            .range((channel, 0)..=(channel, u64::MAX))
-                            .next_back()
-                            .map_or(from, |(_, e)| e.end_offset().max(from));
-                    }
-                    // A checkpoint at the log's current position.
-                    _ => index.save_checkpoint(at(step)).unwrap(),
+                }
+                // Retention: a prefix goes.
+                17 => {
+                    let to = rng.below(*head + 1);
+                    index.remove_range(channel, 0, to).unwrap();
+                    model.retain(|&(c, base), _| c != channel || base >= to);
+                }
+                // A tail cut off (or a channel's entries removed): appends continue lower.
+                _ => {
+                    let from = head.saturating_sub(rng.below(6));
+                    index.remove_range(channel, from, u64::MAX).unwrap();
+                    model.retain(|&(c, base), _| c != channel || base < from);
+                    *head = model
+                        .range((channel, 0)..=(channel, u64::MAX))
+                        .next_back()
+                        .map_or(from, |(_, e)| e.end_offset().max(from));
                 }
             }
-            let max = heads.iter().max().copied().unwrap() + 2;
-            check_against(&index, &model, channels, max);
-            // Two checkpoints past every entry: after the second (whose index_from is the
-            // first's position) every entry is in sled.
-            index.save_checkpoint(at(10_000)).unwrap();
-            index.save_checkpoint(at(10_001)).unwrap();
-            let saved = index.load_checkpoint().unwrap().unwrap();
-            assert_eq!(saved.index_from, (101, 10_000));
+            if step % 97 == 0 {
+                let max = heads.iter().max().copied().unwrap() + 2;
+                check_against(&index, &model, channels, max);
+            }
         }
-        // A reopened index answers the same.
-        let index = Index::open(dir.path(), 1 << 20).unwrap();
+        let segments = index.segments();
+        assert!(segments.sealed.len() >= 19, "{:?}", segments.sealed.keys());
+        assert!(segments.sealed.values().any(|s| !s.hidden.is_empty()));
+        drop(segments);
         let max = heads.iter().max().copied().unwrap() + 2;
         check_against(&index, &model, channels, max);
-        // And appends continue after what sled holds.
-        let e = entry(0, heads[0], 1);
-        index.insert(&e).unwrap();
-        model.insert((0, e.base_offset), e);
-        check_against(&index, &model, channels, max + 1);
     }
 
     #[test]
-    fn a_chunk_seen_under_its_old_and_new_key_is_read_once() {
-        // What a reader may meet while retention re-keys a chunk that lost its first
-        // entries: the old and the new key side by side.
-        let dir = tempfile::tempdir().unwrap();
-        let index = Index::open(dir.path(), 1 << 20).unwrap();
-        let (a, b, c) = (entry(1, 0, 1), entry(1, 1, 1), entry(1, 2, 1));
-        index
-            .chunks
-            .insert(key(1, 0), encode_chunk(&[a, b, c]))
-            .unwrap();
-        index
-            .chunks
-            .insert(key(1, 1), encode_chunk(&[b, c]))
-            .unwrap();
-        assert_eq!(index.scan(1, 0, 10).unwrap(), vec![a, b, c]);
-        assert_eq!(index.scan(1, 1, 10).unwrap(), vec![b, c]);
-        assert_eq!(index.find(1, 1).unwrap(), Some(b));
-        // And removing the first entry leaves one chunk under the new key.
-        assert_eq!(index.remove_range(1, 0, 1).unwrap(), 1);
-        assert_eq!(index.scan(1, 0, 10).unwrap(), vec![b, c]);
-        assert_eq!(index.chunks.len(), 1);
-    }
-
-    #[test]
-    fn a_format_one_index_is_dropped_and_its_checkpoint_ignored() {
+    fn an_earlier_format_is_dropped_and_its_checkpoint_ignored() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let db = sled::open(dir.path()).unwrap();
-            let old = db.open_tree(OLD_BATCHES_TREE).unwrap();
-            old.insert(key(1, 0), &entry(1, 0, 1).encode_value()[..])
-                .unwrap();
+            let db = sled::open(dir.path().join("index")).unwrap();
+            for old in OLD_TREES {
+                db.open_tree(old).unwrap().insert(b"k", b"v").unwrap();
+            }
             let checkpoint = Checkpoint {
-                format: 1,
+                format: 2,
                 ..Checkpoint::default()
             };
             db.insert(CHECKPOINT_KEY, options().serialize(&checkpoint).unwrap())
                 .unwrap();
             db.flush().unwrap();
         }
-        let index = Index::open(dir.path(), 1 << 20).unwrap();
+        let index = index_with_segments(dir.path(), 1);
         assert!(index.load_checkpoint().unwrap().is_none());
-        assert!(!index.db.tree_names().iter().any(|n| n == OLD_BATCHES_TREE));
-        assert_eq!(index.find(1, 0).unwrap(), None);
+        for old in OLD_TREES {
+            assert!(!index.db.tree_names().iter().any(|n| n == old));
+        }
     }
 }

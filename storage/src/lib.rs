@@ -4,8 +4,9 @@
 //! live in append-only **segment files** of CRC-checked records, shared by every channel. One
 //! writer thread does **group commit**: every append waiting at a moment, from every channel,
 //! shares one `fdatasync`, and every caller's completion runs after it. The segment files are
-//! the only source of truth; **sled** holds what can be rebuilt from them (the batch index and
-//! checkpoints), because sled's `flush()` does not fsync.
+//! the only source of truth; what can be rebuilt from them is kept beside them: the batch
+//! index (an index file per closed segment, the active segment's entries in memory) and the
+//! checkpoint (in **sled**, whose `flush()` does not fsync).
 //!
 //! This layer knows nothing of the wire protocol or the network: no tokio, no quinn. The
 //! broker decides what to append ([`LogState`] is its view of the log), this crate makes it

@@ -141,11 +141,11 @@ fn restart_keeps_every_acked_message_and_producer_state() {
 }
 
 #[test]
-fn batches_in_open_index_chunks_are_found_after_every_restart() {
-    // One-message batches on many channels leave most index entries in memory-only open
-    // chunks; checkpoints (a small `checkpoint_bytes`, and one at every close) copy only the
-    // old ones, and recovery indexes the rest again. Every batch must be found after each
-    // restart, whatever chunk it was in.
+fn batches_are_found_after_every_restart() {
+    // One-message batches on many channels over many segments: closed segments' entries
+    // come back from their index files, the active segment's (only in memory) from
+    // scanning it again; checkpoints (a small `checkpoint_bytes`, and one at every close)
+    // fall anywhere. Every batch must be found after each restart.
     let dir = tempfile::tempdir().unwrap();
     let options = StoreOptions {
         checkpoint_bytes: 8 * 1024,
@@ -680,4 +680,82 @@ fn reads_answer_the_buffers_their_payloads_lie_in() {
     );
     assert!(within(&buffers[1], &messages[2].payload));
     assert_eq!(&messages[2].payload[..], b"four");
+}
+
+/// Waits for the threads writing closed segments' index files.
+fn join_sealers(store: &Store) {
+    let sealers = std::mem::take(&mut *store.shared.sealers.lock().unwrap());
+    for handle in sealers {
+        handle.join().unwrap();
+    }
+}
+
+#[test]
+fn closed_segments_are_indexed_in_files_and_only_the_active_one_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let store = Store::open(dir.path(), opts()).unwrap();
+    let channels: Vec<u64> = (0..5).map(|c| create(&store, &format!("c{c}"))).collect();
+    for i in 0..600u64 {
+        let c = channels[(i % 5) as usize];
+        publish(&store, c, "p", i / 5 + 1, &[&[i as u8; 500]]);
+    }
+    join_sealers(&store);
+    let ids = segment::list_segments(&log).unwrap();
+    assert!(ids.len() > 3, "{ids:?}");
+    let active = *ids.last().unwrap();
+    for &id in &ids[..ids.len() - 1] {
+        assert!(crate::index::index_path(&log, id).exists(), "segment {id}");
+    }
+    assert!(!crate::index::index_path(&log, active).exists());
+    // In memory: the active segment's entries, nothing else.
+    let in_active = store.shared.summaries.lock().unwrap()[&active]
+        .spans
+        .values()
+        .map(|s| s.end_offset - s.first_offset)
+        .sum::<u64>();
+    assert_eq!(
+        store.shared.index.in_memory(),
+        (1, in_active as usize),
+        "segments and entries held in memory"
+    );
+    for (n, &c) in channels.iter().enumerate() {
+        let messages = payloads_of(&store, c);
+        assert_eq!(messages.len(), 120);
+        assert_eq!(messages[7].1, vec![(7 * 5 + n) as u8; 500]);
+    }
+}
+
+#[test]
+fn a_damaged_or_missing_index_file_is_written_again_from_its_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let before = {
+        let store = Store::open(dir.path(), opts()).unwrap();
+        let a = create(&store, "a");
+        for i in 0..300u64 {
+            publish(&store, a, "p", i + 1, &[&[i as u8; 700]]);
+        }
+        payloads_of(&store, a)
+    };
+    let ids = segment::list_segments(&log).unwrap();
+    assert!(ids.len() > 3, "{ids:?}");
+    let damaged = crate::index::index_path(&log, ids[1]);
+    let mut bytes = std::fs::read(&damaged).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&damaged, &bytes).unwrap();
+    let missing = crate::index::index_path(&log, ids[2]);
+    std::fs::remove_file(&missing).unwrap();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    assert_eq!(payloads_of(&store, 0), before);
+    assert!(missing.exists());
+    assert_ne!(std::fs::read(&damaged).unwrap(), bytes);
+    drop(store);
+    // A file left by a segment already deleted goes.
+    let stray = crate::index::index_path(&log, 1_000);
+    std::fs::write(&stray, b"stale").unwrap();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    assert!(!stray.exists());
+    assert_eq!(payloads_of(&store, 0), before);
 }

@@ -1,9 +1,9 @@
 //! The batch index and the checkpoint (docs/storage.md §4).
 //!
 //! A closed segment's batch entries live in an index file beside it, written once when the
-//! segment closes; the open segments' entries live in memory; sled holds only the checkpoint.
-//! Nothing here is the only copy of anything: every entry can be rebuilt from the segment
-//! files, and is, when an index file is missing or damaged or sled has no checkpoint.
+//! segment closes; the open segments' entries live in memory; the checkpoint is a file of its
+//! own. Nothing here is the only copy of anything: every entry can be rebuilt from the
+//! segment files, and is, when an index file or the checkpoint is missing or damaged.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
@@ -86,12 +86,14 @@ pub struct Checkpoint {
     pub index_from: (u64, u64),
 }
 
-/// Format 3: index files per segment (format 2 kept chunks of entries in sled, format 1 an
-/// entry per batch). A checkpoint of another format is ignored, so the log is indexed again.
+/// Format 3: index files per segment and the checkpoint in a file (formats 1 and 2 kept the
+/// batch index and the checkpoint in a sled database). A checkpoint of another format is
+/// ignored, so the log is indexed again.
 const CHECKPOINT_FORMAT: u32 = 3;
-const CHECKPOINT_KEY: &[u8] = b"checkpoint";
-/// sled trees of earlier formats, dropped on open.
-const OLD_TREES: [&[u8]; 2] = [b"batches", b"batch-chunks"];
+/// The checkpoint: bincode, then a crc32c of it.
+const CHECKPOINT_FILE: &str = "checkpoint";
+/// What a sled database of formats 1 and 2 left in the directory.
+const SLED_FILES: [&str; 3] = ["conf", "db", "blobs"];
 
 /// An index file: this header, the fence (one [`FENCE_BYTES`] row per channel, by channel
 /// id), every entry ([`SLOT_BYTES`] each, by channel then base offset), then a crc32c of
@@ -292,13 +294,14 @@ struct Segments {
 }
 
 /// The batch index (per closed segment an index file, the open segments in memory) and
-/// the checkpoint (in sled).
+/// the checkpoint.
 ///
 /// Memory no longer follows the log's size: per closed segment, one fence row per channel
 /// in it; the active segment's entries (at most one per record it holds).
 #[derive(Debug)]
 pub struct Index {
-    db: sled::Db,
+    /// Where the checkpoint file is.
+    dir: PathBuf,
     log_dir: PathBuf,
     segments: Mutex<Segments>,
 }
@@ -315,36 +318,19 @@ enum Source {
 }
 
 impl Index {
-    /// Opens (or creates) the checkpoint database in `dir`; index files live in `log_dir`.
-    /// A sled directory that cannot be opened is discarded and recreated: it holds nothing
-    /// the log cannot give back.
-    pub fn open(dir: &Path, log_dir: &Path, cache_bytes: u64) -> Result<Index, StorageError> {
-        let open = || -> Result<Index, sled::Error> {
-            let db = sled::Config::new()
-                .path(dir)
-                .cache_capacity(cache_bytes)
-                .flush_every_ms(Some(1000))
-                .open()?;
-            for old in OLD_TREES {
-                if db.tree_names().iter().any(|n| n == old) {
-                    db.drop_tree(old)?;
-                }
-            }
-            Ok(Index {
-                db,
-                log_dir: log_dir.to_path_buf(),
-                segments: Mutex::new(Segments::default()),
-            })
-        };
-        match open() {
-            Ok(index) => Ok(index),
-            Err(error) => {
-                tracing::warn!(%error, dir = %dir.display(), "index unreadable; rebuilding it from the log");
-                std::fs::remove_dir_all(dir)
-                    .map_err(|source| StorageError::io("remove", dir, source))?;
-                Ok(open()?)
-            }
+    /// Opens the index: the checkpoint lives in `dir`, index files in `log_dir`. The sled
+    /// database of an earlier format found in `dir` is deleted: the log gives back all it held.
+    pub fn open(dir: &Path, log_dir: &Path) -> Result<Index, StorageError> {
+        if SLED_FILES.iter().any(|f| dir.join(f).exists()) {
+            tracing::info!(dir = %dir.display(), "deleting the index of an earlier format; indexing the log again");
+            std::fs::remove_dir_all(dir).map_err(|e| StorageError::io("remove", dir, e))?;
         }
+        std::fs::create_dir_all(dir).map_err(|e| StorageError::io("create", dir, e))?;
+        Ok(Index {
+            dir: dir.to_path_buf(),
+            log_dir: log_dir.to_path_buf(),
+            segments: Mutex::new(Segments::default()),
+        })
     }
 
     fn segments(&self) -> MutexGuard<'_, Segments> {
@@ -775,15 +761,32 @@ impl Index {
             segments.sealed.clear();
         }
         self.remove_stray_files(&[])?;
-        self.db.remove(CHECKPOINT_KEY)?;
-        Ok(())
+        let path = self.dir.join(CHECKPOINT_FILE);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(StorageError::io("delete", &path, e))
+            }
+            _ => Ok(()),
+        }
     }
 
+    /// The last checkpoint saved, if there is a whole one of this format.
     pub fn load_checkpoint(&self) -> Result<Option<Checkpoint>, StorageError> {
-        let Some(bytes) = self.db.get(CHECKPOINT_KEY)? else {
+        let path = self.dir.join(CHECKPOINT_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StorageError::io("read", &path, e)),
+        };
+        let Some((body, crc)) = bytes.split_last_chunk::<4>() else {
+            tracing::warn!("ignoring a truncated checkpoint");
             return Ok(None);
         };
-        match options().deserialize::<Checkpoint>(&bytes) {
+        if crc32c::crc32c(body) != u32::from_le_bytes(*crc) {
+            tracing::warn!("ignoring a checkpoint whose checksum fails");
+            return Ok(None);
+        }
+        match options().deserialize::<Checkpoint>(body) {
             Ok(c) if c.format == CHECKPOINT_FORMAT => Ok(Some(c)),
             Ok(c) => {
                 tracing::warn!(format = c.format, "ignoring a checkpoint of another format");
@@ -796,20 +799,30 @@ impl Index {
         }
     }
 
-    /// Stores a checkpoint. Its `index_from` is the first segment still indexed only in
-    /// memory: recovery scans from there, and uses (after checking) the index files before.
-    /// sled's `flush()` issues `sync_file_range`, not fsync (sled issue #1452): a checkpoint
-    /// lost with a power failure only makes recovery start from an older one.
+    /// Stores a checkpoint: written to a temporary file, `fdatasync`'d and renamed over the
+    /// last one. Its `index_from` is the first segment still indexed only in memory:
+    /// recovery scans from there, and uses (after checking) the index files before. The
+    /// rename is not made durable: a power failure may bring back the previous checkpoint,
+    /// from which recovery replays more.
     pub fn save_checkpoint(&self, mut checkpoint: Checkpoint) -> Result<(), StorageError> {
         checkpoint.format = CHECKPOINT_FORMAT;
         let first_open = self.segments().open.keys().next().copied();
         let from = first_open.map_or(checkpoint.segment, |id| id.min(checkpoint.segment));
         checkpoint.index_from = (from, 0);
-        let bytes = options()
+        let mut bytes = options()
             .serialize(&checkpoint)
             .expect("bincode serialization into memory cannot fail");
-        self.db.insert(CHECKPOINT_KEY, bytes)?;
-        self.db.flush()?;
+        let crc = crc32c::crc32c(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        let path = self.dir.join(CHECKPOINT_FILE);
+        let tmp = path.with_extension("tmp");
+        let write = || -> std::io::Result<()> {
+            let mut file = File::create(&tmp)?;
+            std::io::Write::write_all(&mut file, &bytes)?;
+            file.sync_data()
+        };
+        write().map_err(|e| StorageError::io("write", &tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| StorageError::io("rename", &tmp, e))?;
         Ok(())
     }
 }
@@ -840,7 +853,7 @@ mod tests {
                 crate::segment::create_segment(&log, id).unwrap();
             }
         }
-        Index::open(&dir.join("index"), &log, 1 << 20).unwrap()
+        Index::open(&dir.join("index"), &log).unwrap()
     }
 
     #[test]
@@ -1159,25 +1172,47 @@ mod tests {
     }
 
     #[test]
-    fn an_earlier_format_is_dropped_and_its_checkpoint_ignored() {
+    fn a_damaged_checkpoint_is_ignored() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let db = sled::open(dir.path().join("index")).unwrap();
-            for old in OLD_TREES {
-                db.open_tree(old).unwrap().insert(b"k", b"v").unwrap();
-            }
-            let checkpoint = Checkpoint {
+        let index = index_with_segments(dir.path(), 1);
+        index
+            .save_checkpoint(Checkpoint {
+                segment: 0,
+                position: 16,
+                ..Checkpoint::default()
+            })
+            .unwrap();
+        assert_eq!(index.load_checkpoint().unwrap().unwrap().position, 16);
+        let path = dir.path().join("index").join(CHECKPOINT_FILE);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[10] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(index.load_checkpoint().unwrap().is_none());
+        std::fs::write(&path, &bytes[..3]).unwrap();
+        assert!(index.load_checkpoint().unwrap().is_none());
+        // Another format, whole: ignored too.
+        let mut other = options()
+            .serialize(&Checkpoint {
                 format: 2,
                 ..Checkpoint::default()
-            };
-            db.insert(CHECKPOINT_KEY, options().serialize(&checkpoint).unwrap())
-                .unwrap();
-            db.flush().unwrap();
+            })
+            .unwrap();
+        let crc = crc32c::crc32c(&other);
+        other.extend_from_slice(&crc.to_le_bytes());
+        std::fs::write(&path, &other).unwrap();
+        assert!(index.load_checkpoint().unwrap().is_none());
+    }
+
+    #[test]
+    fn the_sled_database_of_an_earlier_format_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let index_dir = dir.path().join("index");
+        std::fs::create_dir_all(&index_dir).unwrap();
+        for f in ["conf", "db", "snap.0000000000000070"] {
+            std::fs::write(index_dir.join(f), b"sled").unwrap();
         }
         let index = index_with_segments(dir.path(), 1);
         assert!(index.load_checkpoint().unwrap().is_none());
-        for old in OLD_TREES {
-            assert!(!index.db.tree_names().iter().any(|n| n == old));
-        }
+        assert_eq!(std::fs::read_dir(&index_dir).unwrap().count(), 0);
     }
 }

@@ -6,7 +6,7 @@
 //! shares one `fdatasync`, and every caller's completion runs after it. The segment files are
 //! the only source of truth; what can be rebuilt from them is kept beside them: the batch
 //! index (an index file per closed segment, the active segment's entries in memory) and the
-//! checkpoint (in **sled**, whose `flush()` does not fsync).
+//! checkpoint.
 //!
 //! This layer knows nothing of the wire protocol or the network: no tokio, no quinn. The
 //! broker decides what to append ([`LogState`] is its view of the log), this crate makes it
@@ -68,8 +68,6 @@ pub enum StorageError {
     Poisoned,
     #[error("storage is closed")]
     Closed,
-    #[error("index error: {0}")]
-    Index(#[from] sled::Error),
 }
 
 impl StorageError {

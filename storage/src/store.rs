@@ -38,8 +38,6 @@ pub struct StoreOptions {
     pub checkpoint_interval: Duration,
     /// ...and after this many bytes of log.
     pub checkpoint_bytes: u64,
-    /// sled's page cache.
-    pub index_cache_bytes: u64,
     /// Bytes behind the write position kept in the OS page cache; older log pages are
     /// dropped once fsync'd. Writing into fresh page-cache pages costs several times the
     /// CPU of reusing dropped ones (measured: 2.75 vs 0.47 CPU-s per 768 MB of fsync'd 1 MiB
@@ -54,7 +52,6 @@ impl Default for StoreOptions {
             durability: Durability::Fsync,
             checkpoint_interval: Duration::from_secs(30),
             checkpoint_bytes: 256 * 1024 * 1024,
-            index_cache_bytes: 32 * 1024 * 1024,
             page_cache_window_bytes: 64 * 1024 * 1024,
         }
     }
@@ -207,12 +204,12 @@ impl Txn<'_> {
 
 impl Store {
     /// Opens the store in `dir`, recovering the log: a torn tail is cut off, the index and
-    /// state are rebuilt from the last checkpoint on (or from scratch when sled has none).
+    /// state are rebuilt from the last checkpoint on (or from scratch when there is none).
     pub fn open(dir: &Path, options: StoreOptions) -> Result<Store, StorageError> {
         let log_dir = dir.join("log");
         let index_dir = dir.join("index");
         std::fs::create_dir_all(&log_dir).map_err(|e| StorageError::io("create", &log_dir, e))?;
-        let index = Index::open(&index_dir, &log_dir, options.index_cache_bytes)?;
+        let index = Index::open(&index_dir, &log_dir)?;
         let (state, summaries, active, active_len) = recover(&log_dir, &index)?;
         let (file, len) = match active {
             Some(id) => {

@@ -1,5 +1,5 @@
 //! DirectMQ integration tests: real brokers (in this process or as child processes), real
-//! QUIC with mutual TLS on loopback, real fsync'd segment files and sled.
+//! QUIC with mutual TLS on loopback, real fsync'd segment files and index files.
 
 mod bad_input;
 mod cli;

@@ -1,4 +1,5 @@
-//! Scenario 5 of issue 2: sled holds nothing the segments cannot give back.
+//! Scenario 5 of issue 2: the checkpoint and the batch index hold nothing the segments cannot
+//! give back.
 
 use anyhow::{ensure, Context, Result};
 use directmq_client::{Client, StartPosition};

@@ -209,10 +209,18 @@ struct IndexFile {
     file: File,
     /// Where the entries start in the file.
     entries_at: u64,
-    fence: HashMap<u64, Fence>,
+    /// By channel id (a sorted list: 40 bytes a channel, a third less than a hash map).
+    fence: Vec<(u64, Fence)>,
 }
 
 impl IndexFile {
+    fn fence(&self, channel_id: u64) -> Option<&Fence> {
+        self.fence
+            .binary_search_by_key(&channel_id, |(id, _)| *id)
+            .ok()
+            .map(|i| &self.fence[i].1)
+    }
+
     fn slots(&self, first: u64, n: u64) -> std::io::Result<Vec<Slot>> {
         let mut buf = vec![0u8; n as usize * SLOT_BYTES];
         self.file
@@ -393,7 +401,7 @@ impl Index {
                 sources.push((first.base_offset, last.base_offset, Source::Memory(entries)));
             }
             for (&segment, sealed) in &segments.sealed {
-                let Some(fence) = sealed.file.fence.get(&channel_id) else {
+                let Some(fence) = sealed.file.fence(channel_id) else {
                     continue;
                 };
                 let hidden = sealed
@@ -512,7 +520,7 @@ impl Index {
             }
         }
         for sealed in segments.sealed.values_mut() {
-            if let Some(f) = sealed.file.fence.get(&channel_id) {
+            if let Some(f) = sealed.file.fence(channel_id) {
                 if f.first_base < to && f.last_base >= from {
                     sealed.hidden.push((channel_id, from, to));
                 }
@@ -595,7 +603,7 @@ impl Index {
         for v in [segment, segment_len, ids.len() as u64, total as u64] {
             buf.extend_from_slice(&v.to_le_bytes());
         }
-        let mut fence = HashMap::with_capacity(ids.len());
+        let mut fence = Vec::with_capacity(ids.len());
         let mut start = 0u64;
         for id in &ids {
             let slots = &channels[id];
@@ -608,7 +616,7 @@ impl Index {
             for v in [*id, f.start, f.count, f.first_base, f.last_base] {
                 buf.extend_from_slice(&v.to_le_bytes());
             }
-            fence.insert(*id, f);
+            fence.push((*id, f));
             start += f.count;
         }
         for id in &ids {
@@ -679,11 +687,20 @@ impl Index {
                 "written for segment {id} of {covered} bytes, not {segment} of {segment_len}"
             ));
         }
-        let entries_at = FILE_HEADER as u64 + channels * FENCE_BYTES as u64;
-        if entries_at + entries * SLOT_BYTES as u64 != body.len() as u64 {
+        let entries_at = channels
+            .checked_mul(FENCE_BYTES as u64)
+            .and_then(|f| f.checked_add(FILE_HEADER as u64));
+        let end = entries
+            .checked_mul(SLOT_BYTES as u64)
+            .zip(entries_at)
+            .and_then(|(e, at)| e.checked_add(at));
+        let (Some(entries_at), Some(end)) = (entries_at, end) else {
+            return Err("counts out of range".into());
+        };
+        if end != body.len() as u64 {
             return Err("length does not match its counts".into());
         }
-        let mut fence = HashMap::with_capacity(channels as usize);
+        let mut fence: Vec<(u64, Fence)> = Vec::with_capacity(channels as usize);
         for row in body[FILE_HEADER..entries_at as usize].chunks_exact(FENCE_BYTES) {
             let f = Fence {
                 start: u64_at(row, 8),
@@ -691,10 +708,17 @@ impl Index {
                 first_base: u64_at(row, 24),
                 last_base: u64_at(row, 32),
             };
-            if f.count == 0 || f.start + f.count > entries {
+            if f.count == 0
+                || f.first_base > f.last_base
+                || f.start.checked_add(f.count).is_none_or(|e| e > entries)
+            {
                 return Err("fence out of range".into());
             }
-            fence.insert(u64_at(row, 0), f);
+            let id = u64_at(row, 0);
+            if fence.last().is_some_and(|(last, _)| *last >= id) {
+                return Err("fence not sorted by channel".into());
+            }
+            fence.push((id, f));
         }
         let file = File::open(path).map_err(|e| e.to_string())?;
         Ok(IndexFile {

@@ -278,29 +278,36 @@ impl Conn {
     }
 }
 
-/// Pins glibc's mmap threshold at 4 MiB (unless `MALLOC_MMAP_THRESHOLD_` sets it). glibc
-/// raises the threshold each time a large block is freed, up to 32 MiB; blocks of several
-/// MiB (a closed segment's index file, a checkpoint) then come from the heap arenas and leave
-/// holes the arenas keep: on 10,000 channels under load the broker's resident memory grew
-/// ~2.5 MB/s with a live heap that did not grow, and stays flat with the threshold fixed
-/// (docs/benchmarks.md).
+/// Pins glibc's mmap threshold at 4 MiB, unless the operator set it (`MALLOC_MMAP_THRESHOLD_`
+/// or `GLIBC_TUNABLES`). glibc raises the threshold each time a large block is freed, up to
+/// 32 MiB; blocks of several MiB (a closed segment's index file, a checkpoint) then come
+/// from the heap arenas and leave holes the arenas keep: on 10,000 channels under load the
+/// broker's resident memory grew ~2.5 MB/s with a live heap that did not grow, and stays flat
+/// with the threshold fixed (docs/benchmarks.md). Blocks of 4 MiB or more are then mapped
+/// and unmapped each time. Answers what was done, for the log.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
-fn pin_mmap_threshold() {
-    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
-        // SAFETY: mallopt only sets an allocator parameter; it runs before any other thread
-        // exists. A refusal (0) leaves glibc's default, which is safe too.
-        unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
-        }
+fn pin_mmap_threshold() -> &'static str {
+    let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_some() || tunables.contains("mmap_threshold") {
+        return "left as the environment sets it";
+    }
+    // SAFETY: mallopt only sets an allocator parameter; it runs before any other thread
+    // exists. A refusal (0) leaves glibc's default, which is safe too.
+    if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20) } == 1 {
+        "4 MiB"
+    } else {
+        "glibc's default (mallopt refused 4 MiB)"
     }
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn pin_mmap_threshold() {}
+fn pin_mmap_threshold() -> &'static str {
+    "the allocator's default"
+}
 
 fn main() {
-    pin_mmap_threshold();
+    let mmap_threshold = pin_mmap_threshold();
     let cli = Cli::parse();
     let serving = matches!(cli.command, Command::Serve { .. });
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
@@ -313,6 +320,7 @@ fn main() {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    tracing::debug!(mmap_threshold, "allocator");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

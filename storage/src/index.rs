@@ -203,10 +203,14 @@ struct Fence {
     last_base: u64,
 }
 
-/// A closed segment's index file, read with `pread`: only its fence is in memory.
+/// A closed segment's index file, read with `pread`: only its fence is in memory. It is
+/// opened for each lookup, not held open: a long log would otherwise hold a descriptor per
+/// segment.
 #[derive(Debug)]
 struct IndexFile {
-    file: File,
+    path: PathBuf,
+    /// The file's size.
+    bytes: u64,
     /// Where the entries start in the file.
     entries_at: u64,
     /// By channel id (a sorted list: 40 bytes a channel, a third less than a hash map).
@@ -221,22 +225,20 @@ impl IndexFile {
             .map(|i| &self.fence[i].1)
     }
 
-    fn slots(&self, first: u64, n: u64) -> std::io::Result<Vec<Slot>> {
+    fn slots(&self, file: &File, first: u64, n: u64) -> std::io::Result<Vec<Slot>> {
         let mut buf = vec![0u8; n as usize * SLOT_BYTES];
-        self.file
-            .read_exact_at(&mut buf, self.entries_at + first * SLOT_BYTES as u64)?;
+        file.read_exact_at(&mut buf, self.entries_at + first * SLOT_BYTES as u64)?;
         Ok(buf.chunks_exact(SLOT_BYTES).map(Slot::decode).collect())
     }
 
-    fn base(&self, i: u64) -> std::io::Result<u64> {
+    fn base(&self, file: &File, i: u64) -> std::io::Result<u64> {
         let mut buf = [0u8; 8];
-        self.file
-            .read_exact_at(&mut buf, self.entries_at + i * SLOT_BYTES as u64)?;
+        file.read_exact_at(&mut buf, self.entries_at + i * SLOT_BYTES as u64)?;
         Ok(u64::from_le_bytes(buf))
     }
 
     /// How many of the channel's entries have a base offset at most `x`.
-    fn count_up_to(&self, fence: &Fence, x: u64) -> std::io::Result<u64> {
+    fn count_up_to(&self, file: &File, fence: &Fence, x: u64) -> std::io::Result<u64> {
         if fence.first_base > x {
             return Ok(0);
         }
@@ -246,7 +248,7 @@ impl IndexFile {
         let (mut lo, mut hi) = (0, fence.count);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            if self.base(fence.start + mid)? <= x {
+            if self.base(file, fence.start + mid)? <= x {
                 lo = mid + 1;
             } else {
                 hi = mid;
@@ -266,15 +268,16 @@ impl IndexFile {
         at: u64,
         max: usize,
     ) -> std::io::Result<Vec<IndexEntry>> {
+        let file = File::open(&self.path)?;
         let visible = |base: u64| !hidden.iter().any(|&(f, t)| base >= f && base < t);
         // If the last entry at or below `at` is hidden, so is any use of one before it: a
         // visible batch before a hidden one ends at or below the hidden one's base.
-        let start = self.count_up_to(fence, at)?.saturating_sub(1);
+        let start = self.count_up_to(&file, fence, at)?.saturating_sub(1);
         let mut out = Vec::new();
         let mut i = start;
         while i < fence.count && out.len() < max {
             let n = (fence.count - i).min((max - out.len()).max(16) as u64);
-            for slot in self.slots(fence.start + i, n)? {
+            for slot in self.slots(&file, fence.start + i, n)? {
                 if visible(slot.base_offset) && out.len() < max {
                     out.push(slot.entry(channel_id, segment));
                 }
@@ -549,37 +552,43 @@ impl Index {
     /// written again from the segment. If the entries change meanwhile (a removal, the
     /// segment deleted), the file is discarded and the entries stay in memory.
     pub fn seal(&self, segment: u64) -> Result<(), StorageError> {
+        // `None`: a segment without batches (its file is written too, empty, so recovery
+        // need not scan it again).
         let channels = {
             let mut segments = self.segments();
-            let Some(channels) = segments.open.get(&segment).cloned() else {
+            if segments.sealed.contains_key(&segment) {
                 return Ok(());
-            };
+            }
+            let channels = segments.open.get(&segment).cloned();
             if !segments.sealing.insert(segment) {
                 return Ok(());
             }
             channels
         };
-        let written = self.write_file(segment, &channels);
+        let written = self.write_file(segment, channels.as_deref().unwrap_or(&Channels::new()));
         let mut segments = self.segments();
         segments.sealing.remove(&segment);
         let file = written?;
-        let path = index_path(&self.log_dir, segment);
-        match segments.open.get(&segment) {
-            Some(now) if Arc::ptr_eq(now, &channels) => {
-                segments.open.remove(&segment);
-                segments.sealed.insert(
-                    segment,
-                    Sealed {
-                        file: Arc::new(file),
-                        hidden: Vec::new(),
-                    },
-                );
-            }
-            _ => {
-                drop(file);
-                if let Err(e) = std::fs::remove_file(&path) {
-                    tracing::warn!(error = %e, path = %path.display(), "could not remove a stale index file");
+        let unchanged = match (segments.open.get(&segment), &channels) {
+            (Some(now), Some(then)) => Arc::ptr_eq(now, then),
+            (None, None) => !segments.sealed.contains_key(&segment),
+            _ => false,
+        };
+        if unchanged {
+            segments.open.remove(&segment);
+            segments.sealed.insert(
+                segment,
+                Sealed {
+                    file: Arc::new(file),
+                    hidden: Vec::new(),
+                },
+            );
+        } else {
+            match std::fs::remove_file(&file.path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    tracing::warn!(error = %e, path = %file.path.display(), "could not remove a stale index file");
                 }
+                _ => {}
             }
         }
         Ok(())
@@ -630,9 +639,9 @@ impl Index {
         let tmp = path.with_extension("idx.tmp");
         std::fs::write(&tmp, &buf).map_err(|e| StorageError::io("write", &tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| StorageError::io("rename", &tmp, e))?;
-        let file = File::open(&path).map_err(|e| StorageError::io("open", &path, e))?;
         Ok(IndexFile {
-            file,
+            path,
+            bytes: buf.len() as u64,
             entries_at: entries_at as u64,
             fence,
         })
@@ -720,9 +729,9 @@ impl Index {
             }
             fence.push((id, f));
         }
-        let file = File::open(path).map_err(|e| e.to_string())?;
         Ok(IndexFile {
-            file,
+            path: path.to_path_buf(),
+            bytes: buf.len() as u64,
             entries_at,
             fence,
         })
@@ -739,6 +748,11 @@ impl Index {
             .map(Vec::len)
             .sum();
         (segments.open.len(), entries)
+    }
+
+    /// Bytes of the index files in use.
+    pub fn file_bytes(&self) -> u64 {
+        self.segments().sealed.values().map(|s| s.file.bytes).sum()
     }
 
     /// Forgets a deleted segment's entries and deletes its index file.
@@ -800,7 +814,10 @@ impl Index {
         let bytes = match std::fs::read(&path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(StorageError::io("read", &path, e)),
+            Err(error) => {
+                tracing::warn!(%error, path = %path.display(), "ignoring an unreadable checkpoint");
+                return Ok(None);
+            }
         };
         let Some((body, crc)) = bytes.split_last_chunk::<4>() else {
             tracing::warn!("ignoring a truncated checkpoint");
@@ -1056,10 +1073,18 @@ mod tests {
         index.remove_stray_files(&[0, 2]).unwrap();
         assert!(!index_path(&log, 1).exists());
         assert!(!log.join("00000000000000000005.idx.tmp").exists());
-        // A dropped segment is not sealed afterwards.
+        // A segment deleted (file, then index) is not sealed afterwards.
+        std::fs::remove_file(crate::segment::segment_path(&log, 2)).unwrap();
         index.drop_segment(2).unwrap();
-        index.seal(2).unwrap();
+        assert!(index.seal(2).is_err());
         assert!(!index_path(&log, 2).exists());
+        // A segment without batches gets an empty file: recovery need not scan it again.
+        crate::segment::create_segment(&log, 3).unwrap();
+        index.seal(3).unwrap();
+        drop(index);
+        let index = index_with_segments(dir.path(), 4);
+        assert!(index.load_sealed(3));
+        assert_eq!(index.find(1, 0).unwrap(), None);
     }
 
     /// A tiny deterministic generator for the model test (no dependency needed).

@@ -609,7 +609,10 @@ impl Store {
             let path = segment::segment_path(&self.shared.log_dir, *id);
             std::fs::remove_file(&path).map_err(|e| StorageError::io("delete", &path, e))?;
             self.shared.files.lock().expect("files lock").remove(id);
-            self.shared.index.drop_segment(*id)?;
+            if let Err(error) = self.shared.index.drop_segment(*id) {
+                // The segment is gone; its index file goes at the next start.
+                tracing::warn!(%error, segment = id, "could not delete a segment's index file");
+            }
             if let Some(summary) = self
                 .shared
                 .summaries
@@ -706,15 +709,17 @@ impl Store {
         Ok(copied)
     }
 
-    /// Bytes of all segment files.
+    /// Bytes of all segment files and their index files.
     pub fn disk_bytes(&self) -> u64 {
-        self.shared
+        let segments: u64 = self
+            .shared
             .summaries
             .lock()
             .expect("summaries lock")
             .values()
             .map(|s| s.size)
-            .sum()
+            .sum();
+        segments + self.shared.index.file_bytes()
     }
 
     /// Stops accepting appends, finishes every queued one (their completions run), writes a
@@ -793,7 +798,9 @@ fn recover(log_dir: &Path, index: &Index) -> Result<Recovered, StorageError> {
             )
         }
     };
-    index.remove_stray_files(&ids)?;
+    if let Err(error) = index.remove_stray_files(&ids) {
+        tracing::warn!(%error, "could not delete stray index files");
+    }
     tracing::info!(
         segments = ids.len(),
         from_checkpoint = checkpoint.is_some(),
@@ -805,7 +812,7 @@ fn recover(log_dir: &Path, index: &Index) -> Result<Recovered, StorageError> {
             // Indexed before the checkpoint: its index file, or the segment scanned again.
             if !index.load_sealed(id) {
                 index_segment(log_dir, id, index)?;
-                index.seal(id)?;
+                seal_or_keep(index, id);
             }
             continue;
         }
@@ -883,7 +890,7 @@ fn recover(log_dir: &Path, index: &Index) -> Result<Recovered, StorageError> {
             }
         }
         if !last {
-            index.seal(id)?;
+            seal_or_keep(index, id);
         }
     }
     // Entries past a channel's head point at data the log no longer has.
@@ -898,6 +905,14 @@ fn recover(log_dir: &Path, index: &Index) -> Result<Recovered, StorageError> {
     }
     let active = ids.last().copied();
     Ok((state, summaries, active, active_len))
+}
+
+/// Writes a closed segment's index file; if that fails (a full disk), its entries stay in
+/// memory: the files are a cache, and a broker must start on a full disk.
+fn seal_or_keep(index: &Index, id: u64) {
+    if let Err(error) = index.seal(id) {
+        tracing::warn!(%error, segment = id, "could not write an index file; the segment's entries stay in memory");
+    }
 }
 
 /// Indexes every batch of a closed segment (its index file was missing or damaged).
@@ -1341,7 +1356,13 @@ impl Writer {
         let spawned = std::thread::Builder::new()
             .name("directmq-index-seal".into())
             .spawn(move || {
-                if let Err(error) = shared.index.seal_closed(next) {
+                // Every closed segment still in memory (an earlier failure is retried), and
+                // the one just closed even if it holds no batch.
+                if let Err(error) = shared
+                    .index
+                    .seal_closed(next)
+                    .and_then(|()| shared.index.seal(next - 1))
+                {
                     tracing::warn!(%error, "could not write a closed segment's index file; its entries stay in memory");
                 }
             });

@@ -759,3 +759,32 @@ fn a_damaged_or_missing_index_file_is_written_again_from_its_segment() {
     assert!(!stray.exists());
     assert_eq!(payloads_of(&store, 0), before);
 }
+
+#[test]
+fn a_store_opens_and_reads_everything_when_an_index_file_cannot_be_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let before = {
+        let store = Store::open(dir.path(), opts()).unwrap();
+        let a = create(&store, "a");
+        for i in 0..300u64 {
+            publish(&store, a, "p", i + 1, &[&[i as u8; 700]]);
+        }
+        payloads_of(&store, a)
+    };
+    let ids = segment::list_segments(&log).unwrap();
+    assert!(ids.len() > 3, "{ids:?}");
+    // Segment 1's file is gone and cannot be written again: a directory stands where its
+    // temporary file would go (as a full disk would refuse it).
+    std::fs::remove_file(crate::index::index_path(&log, ids[1])).unwrap();
+    let blocker = crate::index::index_path(&log, ids[1]).with_extension("idx.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    assert_eq!(payloads_of(&store, 0), before);
+    assert!(!crate::index::index_path(&log, ids[1]).exists());
+    assert_eq!(
+        store.shared.index.in_memory().0,
+        2,
+        "segment 1 and the active one"
+    );
+}

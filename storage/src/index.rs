@@ -302,6 +302,92 @@ struct Segments {
     sealed: BTreeMap<u64, Sealed>,
     /// Segments whose file a thread is writing.
     sealing: HashSet<u64>,
+    /// Which closed segments hold each channel's entries, so that a lookup reads a few
+    /// fences, not one per segment of the log (a day's backlog is thousands of segments).
+    by_channel: HashMap<u64, ChannelSegments>,
+}
+
+/// The closed segments holding a channel's entries.
+#[derive(Debug, Default)]
+struct ChannelSegments {
+    /// Segments whose ranges of base offsets overlap no other's here, by first base
+    /// offset: (last base offset, segment). Nearly all are: a channel's offsets grow with
+    /// the log.
+    regular: BTreeMap<u64, (u64, u64)>,
+    /// Segments whose range overlaps another's (compaction copies) or with entries hidden:
+    /// always read.
+    special: Vec<u64>,
+}
+
+impl Segments {
+    /// Registers a closed segment's file and its channels.
+    fn add_sealed(&mut self, segment: u64, file: IndexFile) {
+        for (channel, fence) in &file.fence {
+            let cs = self.by_channel.entry(*channel).or_default();
+            let before = cs.regular.range(..=fence.first_base).next_back();
+            let after = cs.regular.range(fence.first_base..).next();
+            let overlaps = before.is_some_and(|(_, (last, _))| *last >= fence.first_base)
+                || after.is_some_and(|(first, _)| *first <= fence.last_base);
+            if overlaps {
+                cs.special.push(segment);
+            } else {
+                cs.regular
+                    .insert(fence.first_base, (fence.last_base, segment));
+            }
+        }
+        self.sealed.insert(
+            segment,
+            Sealed {
+                file: Arc::new(file),
+                hidden: Vec::new(),
+            },
+        );
+    }
+
+    /// Forgets a closed segment's file and its channels.
+    fn remove_sealed(&mut self, segment: u64) {
+        let Some(sealed) = self.sealed.remove(&segment) else {
+            return;
+        };
+        for (channel, fence) in &sealed.file.fence {
+            let Some(cs) = self.by_channel.get_mut(channel) else {
+                continue;
+            };
+            if cs
+                .regular
+                .get(&fence.first_base)
+                .is_some_and(|e| e.1 == segment)
+            {
+                cs.regular.remove(&fence.first_base);
+            }
+            cs.special.retain(|s| *s != segment);
+            if cs.regular.is_empty() && cs.special.is_empty() {
+                self.by_channel.remove(channel);
+            }
+        }
+    }
+
+    /// The closed segments a lookup of `channel` at `at` for `max` entries must read: the
+    /// regular one holding (or last before) `at`, the next `max` regular ones, and every
+    /// special one.
+    fn sealed_for(&self, channel: u64, at: u64, max: usize) -> Vec<u64> {
+        let Some(cs) = self.by_channel.get(&channel) else {
+            return Vec::new();
+        };
+        let mut ids: Vec<u64> = cs.special.clone();
+        if let Some((_, (_, segment))) = cs.regular.range(..=at).next_back() {
+            ids.push(*segment);
+        }
+        ids.extend(
+            cs.regular
+                .range(at.saturating_add(1)..)
+                .take(max)
+                .map(|(_, (_, segment))| *segment),
+        );
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
 }
 
 /// The batch index (per closed segment an index file, the open segments in memory) and
@@ -403,7 +489,10 @@ impl Index {
                     .collect();
                 sources.push((first.base_offset, last.base_offset, Source::Memory(entries)));
             }
-            for (&segment, sealed) in &segments.sealed {
+            for segment in segments.sealed_for(channel_id, at, max) {
+                let Some(sealed) = segments.sealed.get(&segment) else {
+                    continue;
+                };
                 let Some(fence) = sealed.file.fence(channel_id) else {
                     continue;
                 };
@@ -522,10 +611,24 @@ impl Index {
                 }
             }
         }
-        for sealed in segments.sealed.values_mut() {
+        let segments = &mut *segments;
+        for (segment, sealed) in segments.sealed.iter_mut() {
             if let Some(f) = sealed.file.fence(channel_id) {
                 if f.first_base < to && f.last_base >= from {
                     sealed.hidden.push((channel_id, from, to));
+                    // Its range no longer says where its visible entries are: read it
+                    // always.
+                    let cs = segments.by_channel.entry(channel_id).or_default();
+                    if cs
+                        .regular
+                        .get(&f.first_base)
+                        .is_some_and(|e| e.1 == *segment)
+                    {
+                        cs.regular.remove(&f.first_base);
+                    }
+                    if !cs.special.contains(segment) {
+                        cs.special.push(*segment);
+                    }
                 }
             }
         }
@@ -576,13 +679,7 @@ impl Index {
         };
         if unchanged {
             segments.open.remove(&segment);
-            segments.sealed.insert(
-                segment,
-                Sealed {
-                    file: Arc::new(file),
-                    hidden: Vec::new(),
-                },
-            );
+            segments.add_sealed(segment, file);
         } else {
             match std::fs::remove_file(&file.path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -653,13 +750,7 @@ impl Index {
         let path = index_path(&self.log_dir, segment);
         match self.read_file(segment, &path) {
             Ok(file) => {
-                self.segments().sealed.insert(
-                    segment,
-                    Sealed {
-                        file: Arc::new(file),
-                        hidden: Vec::new(),
-                    },
-                );
+                self.segments().add_sealed(segment, file);
                 true
             }
             Err(reason) => {
@@ -759,7 +850,7 @@ impl Index {
     pub fn drop_segment(&self, segment: u64) -> Result<(), StorageError> {
         let mut segments = self.segments();
         segments.open.remove(&segment);
-        segments.sealed.remove(&segment);
+        segments.remove_sealed(segment);
         let path = index_path(&self.log_dir, segment);
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),
@@ -797,6 +888,7 @@ impl Index {
             let mut segments = self.segments();
             segments.open.clear();
             segments.sealed.clear();
+            segments.by_channel.clear();
         }
         self.remove_stray_files(&[])?;
         let path = self.dir.join(CHECKPOINT_FILE);
@@ -1087,6 +1179,38 @@ mod tests {
         assert_eq!(index.find(1, 0).unwrap(), None);
     }
 
+    #[test]
+    fn a_lookup_reads_only_the_segments_near_its_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = index_with_segments(dir.path(), 201);
+        // Channel 1 has 10 batches in each of segments 0..200; channel 2 only in 7.
+        for segment in 0..200u64 {
+            for i in 0..10 {
+                index
+                    .insert(&IndexEntry {
+                        segment,
+                        ..entry(1, segment * 10 + i, 1)
+                    })
+                    .unwrap();
+            }
+        }
+        index
+            .insert(&IndexEntry {
+                segment: 7,
+                ..entry(2, 0, 1)
+            })
+            .unwrap();
+        index.seal_closed(200).unwrap();
+        let segments = index.segments();
+        assert_eq!(segments.sealed_for(1, 1_234, 2), vec![123, 124, 125]);
+        assert_eq!(segments.sealed_for(1, 0, 1), vec![0, 1]);
+        assert_eq!(segments.sealed_for(1, 5_000, 2), vec![199]);
+        assert_eq!(segments.sealed_for(2, 0, 17), vec![7]);
+        drop(segments);
+        assert_eq!(index.find(1, 1_234).unwrap().unwrap().segment, 123);
+        assert_eq!(index.scan(1, 1_995, 100).unwrap().len(), 5);
+    }
+
     /// A tiny deterministic generator for the model test (no dependency needed).
     struct XorShift(u64);
 
@@ -1148,15 +1272,15 @@ mod tests {
     #[test]
     fn entries_in_memory_and_in_files_answer_like_a_sorted_map_through_every_change() {
         let dir = tempfile::tempdir().unwrap();
-        // Segments 1..=20 take the appends, 999 the compaction copies.
-        let index = index_with_segments(dir.path(), 21);
+        // Segments 1..=40 take the appends and some compaction copies, 999 the others.
+        let index = index_with_segments(dir.path(), 41);
         crate::segment::create_segment(&dir.path().join("log"), 999).unwrap();
         let mut model = BTreeMap::new();
         let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
         let channels = 4;
         let mut heads = vec![0u64; channels as usize];
         for step in 0..2_000u64 {
-            let segment = 1 + step / 100;
+            let segment = 1 + step / 50;
             // A new segment: the ones before it get their files.
             index.seal_closed(segment).unwrap();
             let channel = rng.below(channels);
@@ -1174,7 +1298,8 @@ mod tests {
                     index.insert(&e).unwrap();
                     model.insert((channel, e.base_offset), e);
                 }
-                // A compaction copy: an existing batch is copied to a newer segment.
+                // A compaction copy: an existing batch is copied to a newer segment (the
+                // current one, whose range then overlaps older ones', or one never closed).
                 15 | 16 => {
                     let picked = model
                         .range((channel, 0)..=(channel, u64::MAX))
@@ -1182,12 +1307,16 @@ mod tests {
                         .map(|(_, e)| *e);
                     if let Some(e) = picked {
                         let moved = IndexEntry {
-                            segment: 999,
+                            segment: if step % 2 == 0 { 999 } else { segment },
                             position: step,
                             ..e
                         };
                         index.insert(&moved).unwrap();
-                        model.insert((channel, e.base_offset), moved);
+                        // A batch stored twice is answered from the newer segment (in the
+                        // log, copies always go to the newest).
+                        if moved.segment >= e.segment {
+                            model.insert((channel, e.base_offset), moved);
+                        }
                     }
                 }
                 // Retention: a prefix goes.
@@ -1207,14 +1336,17 @@ mod tests {
                         .map_or(from, |(_, e)| e.end_offset().max(from));
                 }
             }
-            if step % 97 == 0 {
+            if step % 397 == 0 {
                 let max = heads.iter().max().copied().unwrap() + 2;
                 check_against(&index, &model, channels, max);
             }
         }
         let segments = index.segments();
-        assert!(segments.sealed.len() >= 19, "{:?}", segments.sealed.keys());
+        assert!(segments.sealed.len() >= 39, "{:?}", segments.sealed.keys());
         assert!(segments.sealed.values().any(|s| !s.hidden.is_empty()));
+        // Both kinds of closed segments were met: in order, and overlapping others.
+        assert!(segments.by_channel.values().any(|c| c.regular.len() > 3));
+        assert!(segments.by_channel.values().any(|c| !c.special.is_empty()));
         drop(segments);
         let max = heads.iter().max().copied().unwrap() + 2;
         check_against(&index, &model, channels, max);

@@ -932,31 +932,73 @@ impl Index {
         }
     }
 
-    /// Stores a checkpoint: written to a temporary file, `fdatasync`'d and renamed over the
-    /// last one. Its `index_from` is the first segment still indexed only in memory:
-    /// recovery scans from there, and uses (after checking) the index files before. The
-    /// rename is not made durable: a power failure may bring back the previous checkpoint,
-    /// from which recovery replays more.
-    pub fn save_checkpoint(&self, mut checkpoint: Checkpoint) -> Result<(), StorageError> {
-        checkpoint.format = CHECKPOINT_FORMAT;
+    /// Encodes a checkpoint of the log at `(segment, position)` for [`Index::write_checkpoint`],
+    /// from borrowed parts (the writer holds the summaries' lock meanwhile: no copy of
+    /// thousands of summaries is made). Its `index_from` is the first segment still indexed
+    /// only in memory: recovery scans from there, and uses (after checking) the index files
+    /// before.
+    pub fn encode_checkpoint(
+        &self,
+        segment: u64,
+        position: u64,
+        state: &StateSnapshot,
+        summaries: &BTreeMap<u64, SegmentSummary>,
+    ) -> Vec<u8> {
         let first_open = self.segments().open.keys().next().copied();
-        let from = first_open.map_or(checkpoint.segment, |id| id.min(checkpoint.segment));
-        checkpoint.index_from = (from, 0);
+        let from = first_open.map_or(segment, |id| id.min(segment));
+        // Serializes exactly as `Checkpoint`: bincode writes a map as its length and then
+        // its pairs, as it writes the list of pairs.
+        #[derive(Serialize)]
+        struct CheckpointRef<'a> {
+            format: u32,
+            segment: u64,
+            position: u64,
+            state: &'a StateSnapshot,
+            summaries: &'a BTreeMap<u64, SegmentSummary>,
+            index_from: (u64, u64),
+        }
         let mut bytes = options()
-            .serialize(&checkpoint)
+            .serialize(&CheckpointRef {
+                format: CHECKPOINT_FORMAT,
+                segment,
+                position,
+                state,
+                summaries,
+                index_from: (from, 0),
+            })
             .expect("bincode serialization into memory cannot fail");
         let crc = crc32c::crc32c(&bytes);
         bytes.extend_from_slice(&crc.to_le_bytes());
+        bytes
+    }
+
+    /// Stores an encoded checkpoint: written to a temporary file, `fdatasync`'d and renamed
+    /// over the last one. The rename is not made durable: a power failure may bring back the
+    /// previous checkpoint, from which recovery replays more.
+    pub fn write_checkpoint(&self, bytes: &[u8]) -> Result<(), StorageError> {
         let path = self.dir.join(CHECKPOINT_FILE);
         let tmp = path.with_extension("tmp");
         let write = || -> std::io::Result<()> {
             let mut file = File::create(&tmp)?;
-            std::io::Write::write_all(&mut file, &bytes)?;
+            std::io::Write::write_all(&mut file, bytes)?;
             file.sync_data()
         };
         write().map_err(|e| StorageError::io("write", &tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| StorageError::io("rename", &tmp, e))?;
         Ok(())
+    }
+
+    /// [`Index::encode_checkpoint`] and [`Index::write_checkpoint`] of an owned checkpoint.
+    #[cfg(test)]
+    pub fn save_checkpoint(&self, checkpoint: Checkpoint) -> Result<(), StorageError> {
+        let summaries = checkpoint.summaries.into_iter().collect();
+        let bytes = self.encode_checkpoint(
+            checkpoint.segment,
+            checkpoint.position,
+            &checkpoint.state,
+            &summaries,
+        );
+        self.write_checkpoint(&bytes)
     }
 }
 
@@ -1350,6 +1392,52 @@ mod tests {
         drop(segments);
         let max = heads.iter().max().copied().unwrap() + 2;
         check_against(&index, &model, channels, max);
+    }
+
+    #[test]
+    fn a_checkpoint_encoded_from_borrowed_parts_reads_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = index_with_segments(dir.path(), 1);
+        let mut summaries = BTreeMap::new();
+        for segment in [2u64, 9] {
+            let mut summary = SegmentSummary::default();
+            summary.add(3, segment, segment + 5, 100);
+            summary.add(4, 0, 9, 10);
+            summary.size = segment * 1000;
+            summaries.insert(segment, summary);
+        }
+        let mut state = crate::state::LogState::default();
+        let id = state.create_pending("a", 7);
+        state.apply(&crate::record::RecordMeta::Other(
+            crate::Record::ChannelCreated {
+                channel_id: id,
+                name: "a".into(),
+                created_ms: 7,
+            },
+        ));
+        let snapshot = state.snapshot();
+        let bytes = index.encode_checkpoint(9, 1234, &snapshot, &summaries);
+        // The same bytes as the owned form.
+        let owned = Checkpoint {
+            format: CHECKPOINT_FORMAT,
+            segment: 9,
+            position: 1234,
+            state: snapshot.clone(),
+            summaries: summaries.clone().into_iter().collect(),
+            index_from: (9, 0),
+        };
+        assert_eq!(
+            bytes[..bytes.len() - 4],
+            options().serialize(&owned).unwrap()[..]
+        );
+        index.write_checkpoint(&bytes).unwrap();
+        let loaded = index.load_checkpoint().unwrap().unwrap();
+        assert_eq!(loaded.state, snapshot);
+        assert_eq!(loaded.summaries, owned.summaries);
+        assert_eq!(
+            (loaded.segment, loaded.position, loaded.index_from),
+            (9, 1234, (9, 0))
+        );
     }
 
     #[test]

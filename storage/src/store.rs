@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::index::{Checkpoint, Index, IndexEntry, SegmentSummary};
+use crate::index::{Index, IndexEntry, SegmentSummary};
 use crate::record::{BatchMeta, Encoded, Headers, Record, RecordMeta};
 use crate::segment::{self, ScanEnd};
 use crate::state::LogState;
@@ -1305,22 +1305,14 @@ impl Writer {
         }
         let started = Instant::now();
         let state = self.shared.state.lock().expect("state lock").snapshot();
-        let summaries = self
-            .shared
-            .summaries
-            .lock()
-            .expect("summaries lock")
-            .iter()
-            .map(|(id, s)| (*id, s.clone()))
-            .collect();
-        self.shared.index.save_checkpoint(Checkpoint {
-            format: 0,
-            segment: self.id,
-            position: self.len,
-            state,
-            summaries,
-            index_from: (0, 0),
-        })?;
+        let bytes = self.shared.index.encode_checkpoint(
+            self.id,
+            self.len,
+            &state,
+            &self.shared.summaries.lock().expect("summaries lock"),
+        );
+        drop(state);
+        self.shared.index.write_checkpoint(&bytes)?;
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
         tracing::debug!(

@@ -96,6 +96,16 @@ struct Shared {
     sealers: Mutex<Vec<JoinHandle<()>>>,
 }
 
+impl Shared {
+    /// Waits for the threads writing closed segments' index files.
+    fn join_sealers(&self) {
+        let sealers = std::mem::take(&mut *self.sealers.lock().expect("sealers lock"));
+        for handle in sealers {
+            let _ = handle.join();
+        }
+    }
+}
+
 /// The durable log.
 pub struct Store {
     shared: Arc<Shared>,
@@ -730,10 +740,7 @@ impl Store {
         if let Some(handle) = self.writer.lock().expect("writer lock").take() {
             let _ = handle.join();
         }
-        let sealers = std::mem::take(&mut *self.shared.sealers.lock().expect("sealers lock"));
-        for handle in sealers {
-            let _ = handle.join();
-        }
+        self.shared.join_sealers();
     }
 }
 
@@ -1022,6 +1029,9 @@ impl Writer {
                 break;
             }
         }
+        // Index files being written are finished first, so that the final checkpoint counts
+        // them and the next start need not scan those segments again.
+        self.shared.join_sealers();
         if let Err(e) = self.sync().and_then(|_| self.checkpoint()) {
             tracing::error!(error = %e, "final checkpoint failed; the next start replays more of the log");
         }

@@ -682,14 +682,6 @@ fn reads_answer_the_buffers_their_payloads_lie_in() {
     assert_eq!(&messages[2].payload[..], b"four");
 }
 
-/// Waits for the threads writing closed segments' index files.
-fn join_sealers(store: &Store) {
-    let sealers = std::mem::take(&mut *store.shared.sealers.lock().unwrap());
-    for handle in sealers {
-        handle.join().unwrap();
-    }
-}
-
 #[test]
 fn closed_segments_are_indexed_in_files_and_only_the_active_one_in_memory() {
     let dir = tempfile::tempdir().unwrap();
@@ -700,7 +692,7 @@ fn closed_segments_are_indexed_in_files_and_only_the_active_one_in_memory() {
         let c = channels[(i % 5) as usize];
         publish(&store, c, "p", i / 5 + 1, &[&[i as u8; 500]]);
     }
-    join_sealers(&store);
+    store.shared.join_sealers();
     let ids = segment::list_segments(&log).unwrap();
     assert!(ids.len() > 3, "{ids:?}");
     let active = *ids.last().unwrap();
@@ -724,6 +716,13 @@ fn closed_segments_are_indexed_in_files_and_only_the_active_one_in_memory() {
         assert_eq!(messages.len(), 120);
         assert_eq!(messages[7].1, vec![(7 * 5 + n) as u8; 500]);
     }
+    // The last checkpoint lets the next start scan only the active segment.
+    drop(store);
+    let index = Index::open(&dir.path().join("index"), &log).unwrap();
+    assert_eq!(
+        index.load_checkpoint().unwrap().unwrap().index_from,
+        (active, 0)
+    );
 }
 
 #[test]
@@ -786,5 +785,26 @@ fn a_store_opens_and_reads_everything_when_an_index_file_cannot_be_written() {
         store.shared.index.in_memory().0,
         2,
         "segment 1 and the active one"
+    );
+}
+
+#[test]
+fn closing_finishes_index_files_before_the_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    {
+        let store = Store::open(dir.path(), opts()).unwrap();
+        let a = create(&store, "a");
+        // Each publish fills most of a 64 KiB segment: a roll (and an index file to
+        // write) right before the close.
+        for i in 0..6u64 {
+            publish(&store, a, "p", i + 1, &[&[i as u8; 60_000]]);
+        }
+    }
+    let active = *segment::list_segments(&log).unwrap().last().unwrap();
+    let index = Index::open(&dir.path().join("index"), &log).unwrap();
+    assert_eq!(
+        index.load_checkpoint().unwrap().unwrap().index_from,
+        (active, 0)
     );
 }

@@ -612,10 +612,28 @@ impl Index {
             }
         }
         let segments = &mut *segments;
-        for (segment, sealed) in segments.sealed.iter_mut() {
+        // Only the closed segments holding the channel (not every segment of the log).
+        let holding: Vec<u64> = segments
+            .by_channel
+            .get(&channel_id)
+            .map(|cs| {
+                cs.regular
+                    .values()
+                    .map(|(_, segment)| *segment)
+                    .chain(cs.special.iter().copied())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for segment in &holding {
+            let Some(sealed) = segments.sealed.get_mut(segment) else {
+                continue;
+            };
             if let Some(f) = sealed.file.fence(channel_id) {
                 if f.first_base < to && f.last_base >= from {
-                    sealed.hidden.push((channel_id, from, to));
+                    let range = (channel_id, from, to);
+                    if !sealed.hidden.contains(&range) {
+                        sealed.hidden.push(range);
+                    }
                     // Its range no longer says where its visible entries are: read it
                     // always.
                     let cs = segments.by_channel.entry(channel_id).or_default();
@@ -674,7 +692,12 @@ impl Index {
         let file = written?;
         let unchanged = match (segments.open.get(&segment), &channels) {
             (Some(now), Some(then)) => Arc::ptr_eq(now, then),
-            (None, None) => !segments.sealed.contains_key(&segment),
+            // A segment without batches: unless retention deleted it meanwhile (it deletes
+            // the segment file before telling the index, which waits for this lock).
+            (None, None) => {
+                !segments.sealed.contains_key(&segment)
+                    && crate::segment::segment_path(&self.log_dir, segment).exists()
+            }
             _ => false,
         };
         if unchanged {
@@ -1082,6 +1105,17 @@ mod tests {
         // An offset below the first retained batch finds the next one.
         assert_eq!(index.find(1, 3).unwrap(), Some(e(1, 10, 5, 2)));
         assert_eq!(index.find(2, 0).unwrap(), Some(e(2, 0, 3, 1)));
+        // Removing the same range again (retention passes over a deleted channel) hides it
+        // once.
+        index.remove_range(2, 0, u64::MAX).unwrap();
+        index.remove_range(2, 0, u64::MAX).unwrap();
+        assert_eq!(index.find(2, 0).unwrap(), None);
+        let segments = index.segments();
+        assert_eq!(segments.sealed.len(), 1);
+        assert_eq!(
+            segments.sealed[&1].hidden,
+            vec![(1, 0, 10), (2, 0, u64::MAX)]
+        );
     }
 
     #[test]

@@ -556,7 +556,8 @@ impl Store {
         // batches are copied forward into the active segment first.
         let mut candidates: Vec<(u64, u64)> = Vec::new();
         // (segment, channel, first offset to look at, floor)
-        let mut to_copy: Vec<(u64, u64, u64, u64)> = Vec::new();
+        // (segment, channel, first offset, end of its span, floor)
+        let mut to_copy: Vec<(u64, u64, u64, u64, u64)> = Vec::new();
         {
             let state = self.shared.state.lock().expect("state lock");
             let summaries = self.shared.summaries.lock().expect("summaries lock");
@@ -576,7 +577,13 @@ impl Store {
                     break;
                 }
                 to_copy.extend(live.into_iter().map(|(channel, span, floor)| {
-                    (*id, channel, span.first_offset.max(floor), floor)
+                    (
+                        *id,
+                        channel,
+                        span.first_offset.max(floor),
+                        span.end_offset,
+                        floor,
+                    )
                 }));
                 candidates.push((*id, summary.size));
             }
@@ -585,8 +592,8 @@ impl Store {
             return Ok(RetentionReport::default());
         }
         let mut report = RetentionReport::default();
-        for (segment, channel, first, floor) in to_copy {
-            let (batches, bytes) = self.copy_forward(segment, channel, first, floor)?;
+        for (segment, channel, first, end, floor) in to_copy {
+            let (batches, bytes) = self.copy_forward(segment, channel, first, end, floor)?;
             report.batches_copied += batches;
             report.bytes_copied += bytes;
         }
@@ -673,6 +680,7 @@ impl Store {
         segment: u64,
         channel: u64,
         first: u64,
+        end: u64,
         floor: u64,
     ) -> Result<(usize, u64), StorageError> {
         const CHUNK_BYTES: u64 = 16 * 1024 * 1024;
@@ -697,7 +705,9 @@ impl Store {
             .index
             .find(channel, first)?
             .map_or(first, |e| e.base_offset);
-        loop {
+        // The segment's batches of the channel lie below `end` (its span's end): no need to
+        // scan on to the channel's head.
+        while from < end {
             let entries = self.shared.index.scan(channel, from, 256)?;
             let Some(last) = entries.last() else { break };
             from = last.base_offset + 1;

@@ -555,7 +555,6 @@ impl Store {
         // mostly dead but pinned by a slow channel's few live batches is compacted: those
         // batches are copied forward into the active segment first.
         let mut candidates: Vec<(u64, u64)> = Vec::new();
-        // (segment, channel, first offset to look at, floor)
         // (segment, channel, first offset, end of its span, floor)
         let mut to_copy: Vec<(u64, u64, u64, u64, u64)> = Vec::new();
         {
@@ -673,7 +672,7 @@ impl Store {
     }
 
     /// Copies the batches of `channel` stored in `segment` that end above `floor` to the
-    /// end of the log, durably; the index then points at the copies. Replay ignores the
+    /// end of the log, durably; the index then answers from the copies. Replay ignores the
     /// copies for the state (their offsets are below the head) and indexes them.
     fn copy_forward(
         &self,

@@ -31,6 +31,20 @@ pub struct IndexEntry {
 }
 
 impl IndexEntry {
+    /// Where the batch record `meta`, `len` bytes at `position` of `segment`, is stored.
+    pub fn of(meta: &crate::record::BatchMeta, segment: u64, position: u64, len: u32) -> Self {
+        IndexEntry {
+            channel_id: meta.channel_id,
+            base_offset: meta.base_offset,
+            segment,
+            position,
+            len,
+            count: meta.entries.len() as u32,
+            timestamp_ms: meta.timestamp_ms,
+            bytes: meta.payload_bytes(),
+        }
+    }
+
     pub fn end_offset(&self) -> u64 {
         self.base_offset + u64::from(self.count)
     }

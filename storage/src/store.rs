@@ -839,16 +839,7 @@ fn recover(log_dir: &Path, index: &Index) -> Result<Recovered, StorageError> {
                 return Ok(());
             }
             if let RecordMeta::Batch(b) = &meta {
-                index.insert(&IndexEntry {
-                    channel_id: b.channel_id,
-                    base_offset: b.base_offset,
-                    segment: id,
-                    position,
-                    len,
-                    count: b.entries.len() as u32,
-                    timestamp_ms: b.timestamp_ms,
-                    bytes: b.payload_bytes(),
-                })?;
+                index.insert(&IndexEntry::of(b, id, position, len))?;
                 if (id, position) >= summarize_from {
                     summary.add(
                         b.channel_id,
@@ -935,16 +926,7 @@ fn seal_or_keep(index: &Index, id: u64) {
 fn index_segment(log_dir: &Path, id: u64, index: &Index) -> Result<(), StorageError> {
     let end = segment::scan(log_dir, id, |position, len, meta| {
         if let RecordMeta::Batch(b) = &meta {
-            index.insert(&IndexEntry {
-                channel_id: b.channel_id,
-                base_offset: b.base_offset,
-                segment: id,
-                position,
-                len,
-                count: b.entries.len() as u32,
-                timestamp_ms: b.timestamp_ms,
-                bytes: b.payload_bytes(),
-            })?;
+            index.insert(&IndexEntry::of(b, id, position, len))?;
         }
         Ok(())
     })?;
@@ -1183,16 +1165,7 @@ impl Writer {
         for (records, _) in &group {
             for (meta, bytes) in records {
                 if let RecordMeta::Batch(b) = meta {
-                    entries.push(IndexEntry {
-                        channel_id: b.channel_id,
-                        base_offset: b.base_offset,
-                        segment: self.id,
-                        position,
-                        len: bytes.len() as u32,
-                        count: b.entries.len() as u32,
-                        timestamp_ms: b.timestamp_ms,
-                        bytes: b.payload_bytes(),
-                    });
+                    entries.push(IndexEntry::of(b, self.id, position, bytes.len() as u32));
                 }
                 position += bytes.len() as u64;
             }

@@ -700,6 +700,12 @@ fn closed_segments_are_indexed_in_files_and_only_the_active_one_in_memory() {
         assert!(crate::index::index_path(&log, id).exists(), "segment {id}");
     }
     assert!(!crate::index::index_path(&log, active).exists());
+    // The index files count toward the disk the log takes (`max_disk_bytes`).
+    let on_disk: u64 = std::fs::read_dir(&log)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert_eq!(store.disk_bytes(), on_disk);
     // In memory: the active segment's entries, nothing else.
     let in_active = store.shared.summaries.lock().unwrap()[&active]
         .spans
@@ -725,20 +731,26 @@ fn closed_segments_are_indexed_in_files_and_only_the_active_one_in_memory() {
     );
 }
 
+/// A closed store in `dir` holding channel 0 with 300 batches of 700 bytes over more than
+/// three segments: its messages and the segment ids.
+fn three_hundred_batches(dir: &Path) -> (Vec<(u64, Vec<u8>)>, Vec<u64>) {
+    let store = Store::open(dir, opts()).unwrap();
+    let a = create(&store, "a");
+    for i in 0..300u64 {
+        publish(&store, a, "p", i + 1, &[&[i as u8; 700]]);
+    }
+    let messages = payloads_of(&store, a);
+    drop(store);
+    let ids = segment::list_segments(&dir.join("log")).unwrap();
+    assert!(ids.len() > 3, "{ids:?}");
+    (messages, ids)
+}
+
 #[test]
 fn a_damaged_or_missing_index_file_is_written_again_from_its_segment() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
-    let before = {
-        let store = Store::open(dir.path(), opts()).unwrap();
-        let a = create(&store, "a");
-        for i in 0..300u64 {
-            publish(&store, a, "p", i + 1, &[&[i as u8; 700]]);
-        }
-        payloads_of(&store, a)
-    };
-    let ids = segment::list_segments(&log).unwrap();
-    assert!(ids.len() > 3, "{ids:?}");
+    let (before, ids) = three_hundred_batches(dir.path());
     let damaged = crate::index::index_path(&log, ids[1]);
     let mut bytes = std::fs::read(&damaged).unwrap();
     let middle = bytes.len() / 2;
@@ -763,16 +775,7 @@ fn a_damaged_or_missing_index_file_is_written_again_from_its_segment() {
 fn a_store_opens_and_reads_everything_when_an_index_file_cannot_be_written() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
-    let before = {
-        let store = Store::open(dir.path(), opts()).unwrap();
-        let a = create(&store, "a");
-        for i in 0..300u64 {
-            publish(&store, a, "p", i + 1, &[&[i as u8; 700]]);
-        }
-        payloads_of(&store, a)
-    };
-    let ids = segment::list_segments(&log).unwrap();
-    assert!(ids.len() > 3, "{ids:?}");
+    let (before, ids) = three_hundred_batches(dir.path());
     // Segment 1's file is gone and cannot be written again: a directory stands where its
     // temporary file would go (as a full disk would refuse it).
     std::fs::remove_file(crate::index::index_path(&log, ids[1])).unwrap();

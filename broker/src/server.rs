@@ -1551,7 +1551,8 @@ impl Broker {
         }
         let (acks, pending) = mpsc::channel::<Box<Ack>>(ACKS_IN_FLIGHT);
         let acker = tokio::spawn(write_acks(writer, pending).in_current_span());
-        let mut resolved: HashMap<String, Resolved> = HashMap::new();
+        // The stream's channels by number, in the order its frames declared them.
+        let mut table: Vec<Resolved> = Vec::new();
         let mut shutdown = self.shutdown.subscribe();
         loop {
             let batch = match next_publish_frame(&mut reader, &mut shutdown).await {
@@ -1565,7 +1566,7 @@ impl Broker {
             };
             let batch_id = batch.batch_id;
             let planned = self
-                .plan_multi(&identity, &open, epoch, batch, &mut resolved)
+                .plan_multi(&identity, &open, epoch, batch, &mut table)
                 .await;
             if !answer(&acks, batch_id, planned).await {
                 break;
@@ -1576,49 +1577,77 @@ impl Broker {
         let _ = acker.await;
     }
 
-    /// Opens the channels of `batch` this stream has not used yet, all at once: the
-    /// creations of new ones are queued together and share a group commit, where opening
-    /// them one by one waited for an fsync each (seconds for an agent's first frame to
-    /// thousands of new shards). A refused open refuses the frame (the first in part
+    /// Opens the channels `batch` declares, all at once, and numbers them on after the
+    /// stream's `table`: the creations of new ones are queued together and share a group
+    /// commit, where opening them one by one waited for an fsync each (seconds for an
+    /// agent's first frame to thousands of new shards). A name declared twice is opened once
+    /// and gets both numbers. A refused open refuses the frame (the first in declaration
     /// order); the other new channels may have been created meanwhile.
-    async fn resolve_new(
+    async fn declare(
         &self,
         identity: &Principal,
         open: &proto::OpenPublishMulti,
         epoch: u64,
-        batch: &proto::PublishMulti,
-        resolved: &mut HashMap<String, Resolved>,
+        names: Vec<String>,
+        table: &mut Vec<Resolved>,
     ) -> Result<(), Refusal> {
-        let mut seen = std::collections::HashSet::new();
-        let new: Vec<proto::OpenPublish> = batch
-            .parts
+        if names.is_empty() {
+            return Ok(());
+        }
+        let mut distinct: Vec<&str> = names.iter().map(String::as_str).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let opens: Vec<proto::OpenPublish> = distinct
             .iter()
-            .filter(|p| !resolved.contains_key(&p.channel) && seen.insert(p.channel.as_str()))
-            .map(|p| proto::OpenPublish {
-                channel: p.channel.clone(),
+            .map(|name| proto::OpenPublish {
+                channel: (*name).to_owned(),
                 producer_id: open.producer_id.clone(),
                 create: open.create,
             })
             .collect();
         let opened = futures_util::future::join_all(
-            new.iter().map(|single| self.open_publish(identity, single)),
+            opens
+                .iter()
+                .map(|single| self.open_publish(identity, single)),
         )
         .await;
-        for (single, result) in new.into_iter().zip(opened) {
-            let (id, _, channel_epoch) = result?;
+        // Refused in declaration order: the first refused name is the one reported.
+        let mut ids = HashMap::with_capacity(opens.len());
+        let mut refusals = HashMap::new();
+        for (single, result) in opens.iter().zip(opened) {
+            match result {
+                Ok((id, _, channel_epoch)) => {
+                    ids.insert(single.channel.as_str(), (id, channel_epoch));
+                }
+                Err(r) => {
+                    refusals.insert(single.channel.as_str(), r);
+                }
+            }
+        }
+        for name in &names {
+            if let Some(r) = refusals.remove(name.as_str()) {
+                return Err(r);
+            }
+        }
+        let mut resolved = Vec::with_capacity(names.len());
+        for name in &names {
+            let Some(&(id, channel_epoch)) = ids.get(name.as_str()) else {
+                continue; // only a refused name has no id, and that returned above
+            };
             if channel_epoch != epoch {
                 return Err(Refusal::new(
                     ErrorCode::STORAGE_ERROR,
                     "a write failed on the broker; reopen the stream and resend unacknowledged batches",
                 ));
             }
-            let r = Resolved {
+            resolved.push(Resolved {
                 id,
                 heads: self.head_sender(id),
-                settings: self.config.channel_settings(&single.channel),
-            };
-            resolved.insert(single.channel, r);
+                settings: self.config.channel_settings(name),
+                name: name.clone(),
+            });
         }
+        table.extend(resolved);
         Ok(())
     }
 
@@ -1628,7 +1657,7 @@ impl Broker {
         open: &proto::OpenPublishMulti,
         epoch: u64,
         batch: proto::PublishMulti,
-        resolved: &mut HashMap<String, Resolved>,
+        table: &mut Vec<Resolved>,
     ) -> Result<Ack, Refusal> {
         let received = Instant::now();
         // Planned and queued under as few state locks as possible: one for the whole
@@ -1641,19 +1670,30 @@ impl Broker {
             incoming: Vec<Incoming>,
             on_disk: u64,
         }
-        self.resolve_new(identity, open, epoch, &batch, resolved)
-            .await?;
-        let mut planned = Vec::with_capacity(batch.parts.len());
+        let proto::PublishMulti {
+            batch_id,
+            declare,
+            parts,
+        } = batch;
+        self.declare(identity, open, epoch, declare, table).await?;
+        let mut planned = Vec::with_capacity(parts.len());
         let (mut count, mut bytes, mut frame_on_disk) = (0u64, 0u64, 0u64);
         // Every check that can refuse a part runs here, before anything is queued.
-        for part in batch.parts {
-            let (id, heads, settings) = {
-                let r = &resolved[&part.channel];
-                (r.id, r.heads.clone(), r.settings)
+        for part in parts {
+            let Some(r) = table.get(part.channel as usize) else {
+                return Err(Refusal::new(
+                    ErrorCode::MALFORMED_FRAME,
+                    format!(
+                        "a part names channel number {}, but the stream has declared {} channels",
+                        part.channel,
+                        table.len()
+                    ),
+                ));
             };
+            let (id, heads, settings) = (r.id, r.heads.clone(), r.settings);
             // Rights are read at every batch: one removed by an ACL reload applies now.
-            self.authorize(identity, Right::Publish, &part.channel)?;
-            check_sizes(&part.messages, settings.max_message_bytes, &part.channel)?;
+            self.authorize(identity, Right::Publish, &r.name)?;
+            check_sizes(&part.messages, settings.max_message_bytes, &r.name)?;
             if part
                 .messages
                 .windows(2)
@@ -1663,7 +1703,7 @@ impl Broker {
                     ErrorCode::INVALID_SEQUENCE,
                     format!(
                         "the sequences for channel {:?} do not strictly increase",
-                        part.channel
+                        r.name
                     ),
                 ));
             }
@@ -1794,7 +1834,7 @@ impl Broker {
         metrics::counter!(m::PUBLISHED_BYTES).increment(bytes);
         metrics::counter!(m::DUPLICATES).increment(count - appended_total);
         Ok(Ack::Multi {
-            batch_id: batch.batch_id,
+            batch_id,
             parts: acks,
             durables,
             received,
@@ -2426,6 +2466,7 @@ struct Resolved {
     id: u64,
     heads: watch::Sender<u64>,
     settings: ChannelSettings,
+    name: String,
 }
 
 /// Refuses a batch holding a message over `max` bytes; `what` names it in the message.

@@ -416,6 +416,8 @@ struct Stream {
     incoming: Incoming,
     last_sequence: Option<u64>,
     max_message_bytes: u64,
+    /// On a multi-channel stream, the channels its frames declared, by number.
+    numbers: HashMap<Arc<str>, u32>,
 }
 
 async fn open_stream(client: &Client, open: &Mode) -> Result<Stream, Error> {
@@ -436,7 +438,29 @@ async fn open_stream(client: &Client, open: &Mode) -> Result<Stream, Error> {
         incoming: Incoming::spawn(reader, 256, "publish"),
         last_sequence: opened.last_sequence,
         max_message_bytes,
+        numbers: HashMap::new(),
     })
+}
+
+/// Numbers the parts of a multi-channel `frame` (their channels are `names`) on a stream
+/// whose frames declared the channels in `numbers`: a channel new to the stream is declared
+/// by this frame. Run for each frame in the order it is written, again on a new stream.
+fn number_parts(frame: &mut Frame, names: &[Arc<str>], numbers: &mut HashMap<Arc<str>, u32>) {
+    let Frame::PublishMulti(multi) = frame else {
+        return;
+    };
+    multi.declare.clear();
+    for (part, name) in multi.parts.iter_mut().zip(names) {
+        part.channel = match numbers.get(name) {
+            Some(&number) => number,
+            None => {
+                let number = u32::try_from(numbers.len()).expect("under 2^32 channels a stream");
+                numbers.insert(name.clone(), number);
+                multi.declare.push(name.to_string());
+                number
+            }
+        };
+    }
 }
 
 /// A frame part being built: the channel (none on a single-channel stream), its messages
@@ -444,8 +468,11 @@ async fn open_stream(client: &Client, open: &Mode) -> Result<Stream, Error> {
 type Part = (Option<Arc<str>>, Vec<PublishMessage>, Vec<Waiter>);
 
 struct InFlight {
-    /// A `PublishBatch`, or a `PublishMulti` on a multi-channel stream.
+    /// A `PublishBatch`, or a `PublishMulti` on a multi-channel stream, numbered for the
+    /// stream it was last written to.
     frame: Frame,
+    /// A `PublishMulti`'s channel per part, to number it for a new stream.
+    names: Vec<Arc<str>>,
     batch_id: u64,
     /// Per part of the frame (one for a `PublishBatch`), in message order.
     waiters: Vec<Vec<Waiter>>,
@@ -596,7 +623,8 @@ impl Task {
         let mut stream = open_stream(&self.client, &self.open).await?;
         // Resend, in order, everything not acknowledged: the broker answers the batches it
         // already appended with their original offsets and appends the rest.
-        for in_flight in &self.in_flight {
+        for in_flight in &mut self.in_flight {
+            number_parts(&mut in_flight.frame, &in_flight.names, &mut stream.numbers);
             stream.writer.write(&in_flight.frame).await?;
         }
         self.stream = Some(stream);
@@ -642,33 +670,44 @@ impl Task {
             let batch_id = self.next_batch_id;
             self.next_batch_id += 1;
             let mut waiters = Vec::with_capacity(parts.len());
-            let frame = match self.open {
+            let mut names = Vec::new();
+            let mut frame = match self.open {
                 Mode::Single(_) => {
                     let (_, messages, w) = parts.pop().expect("one part");
                     waiters.push(w);
                     Frame::PublishBatch(proto::PublishBatch { batch_id, messages })
                 }
-                Mode::Multi(_) => Frame::PublishMulti(proto::PublishMulti {
-                    batch_id,
-                    parts: parts
-                        .into_iter()
-                        .map(|(channel, messages, w)| {
-                            waiters.push(w);
-                            proto::ChannelBatch {
-                                channel: channel.map(|c| c.to_string()).unwrap_or_default(),
-                                messages,
-                            }
-                        })
-                        .collect(),
-                }),
+                Mode::Multi(_) => {
+                    names.reserve(parts.len());
+                    Frame::PublishMulti(proto::PublishMulti {
+                        batch_id,
+                        declare: Vec::new(),
+                        parts: parts
+                            .into_iter()
+                            .map(|(channel, messages, w)| {
+                                waiters.push(w);
+                                names
+                                    .push(channel.expect("a multi-channel part names its channel"));
+                                proto::ChannelBatch {
+                                    channel: 0,
+                                    messages,
+                                }
+                            })
+                            .collect(),
+                    })
+                }
             };
             let written = match self.stream.as_mut() {
-                Some(stream) => stream.writer.write(&frame).await,
+                Some(stream) => {
+                    number_parts(&mut frame, &names, &mut stream.numbers);
+                    stream.writer.write(&frame).await
+                }
                 None => Ok(()),
             };
             self.in_flight_bytes += bytes;
             self.in_flight.push_back(InFlight {
                 frame,
+                names,
                 batch_id,
                 waiters,
                 bytes,

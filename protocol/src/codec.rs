@@ -73,29 +73,86 @@ fn options() -> impl Options {
         .reject_trailing_bytes()
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct PublishEntry {
     sequence: u64,
     headers: Headers,
     len: u32,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct PublishBatchMeta {
     batch_id: u64,
     messages: Vec<PublishEntry>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct ChannelPartMeta {
-    channel: String,
+    channel: u32,
     messages: Vec<PublishEntry>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct PublishMultiMeta {
     batch_id: u64,
+    declare: Vec<String>,
     parts: Vec<ChannelPartMeta>,
+}
+
+/// Encodes as [`PublishEntry`] does, borrowing from the message: encoding a frame copies
+/// no headers and builds no list of entries.
+#[derive(Serialize)]
+struct PublishEntryRef<'a> {
+    sequence: u64,
+    headers: &'a Headers,
+    len: u32,
+}
+
+/// Encodes as a `Vec<PublishEntry>` of `messages` does.
+struct EntriesOf<'a>(&'a [PublishMessage]);
+
+impl Serialize for EntriesOf<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|m| PublishEntryRef {
+            sequence: m.sequence,
+            headers: &m.headers,
+            len: payload_len(&m.payload),
+        }))
+    }
+}
+
+/// Encodes as [`PublishBatchMeta`] does.
+#[derive(Serialize)]
+struct PublishBatchMetaRef<'a> {
+    batch_id: u64,
+    messages: EntriesOf<'a>,
+}
+
+/// Encodes as [`ChannelPartMeta`] does.
+#[derive(Serialize)]
+struct ChannelPartMetaRef<'a> {
+    channel: u32,
+    messages: EntriesOf<'a>,
+}
+
+/// Encodes as a `Vec<ChannelPartMeta>` of `parts` does.
+struct PartsOf<'a>(&'a [ChannelBatch]);
+
+impl Serialize for PartsOf<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|p| ChannelPartMetaRef {
+            channel: p.channel,
+            messages: EntriesOf(&p.messages),
+        }))
+    }
+}
+
+/// Encodes as [`PublishMultiMeta`] does.
+#[derive(Serialize)]
+struct PublishMultiMetaRef<'a> {
+    batch_id: u64,
+    declare: &'a [String],
+    parts: PartsOf<'a>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -209,6 +266,7 @@ pub fn decode(buf: &mut BytesMut, max_frame_bytes: u64) -> Result<Option<Frame>,
                 .collect();
             Ok(Some(Frame::PublishMulti(PublishMulti {
                 batch_id: m.batch_id,
+                declare: m.declare,
                 parts,
             })))
         }
@@ -301,13 +359,13 @@ fn meta_estimate(frame: &Frame) -> usize {
     };
     let body: usize = match frame {
         Frame::PublishBatch(b) => b.messages.iter().map(|m| sized(&m.headers)).sum(),
-        Frame::PublishMulti(b) => b
-            .parts
-            .iter()
-            .map(|p| {
-                32 + p.channel.len() + p.messages.iter().map(|m| sized(&m.headers)).sum::<usize>()
-            })
-            .sum(),
+        Frame::PublishMulti(b) => {
+            b.declare.iter().map(|name| 16 + name.len()).sum::<usize>()
+                + b.parts
+                    .iter()
+                    .map(|p| 32 + p.messages.iter().map(|m| sized(&m.headers)).sum::<usize>())
+                    .sum::<usize>()
+        }
         Frame::Deliver(d) => d.messages.iter().map(|m| sized(&m.headers)).sum(),
         _ => 0,
     };
@@ -429,23 +487,17 @@ fn encode_inner(
             Frame::Watch(m) => options().serialize_into(w, m),
             Frame::WatchEvent(m) => options().serialize_into(w, m),
             Frame::PublishBatch(b) => {
-                let meta = PublishBatchMeta {
+                let meta = PublishBatchMetaRef {
                     batch_id: b.batch_id,
-                    messages: publish_entries(&b.messages),
+                    messages: EntriesOf(&b.messages),
                 };
                 options().serialize_into(w, &meta)
             }
             Frame::PublishMulti(b) => {
-                let meta = PublishMultiMeta {
+                let meta = PublishMultiMetaRef {
                     batch_id: b.batch_id,
-                    parts: b
-                        .parts
-                        .iter()
-                        .map(|p| ChannelPartMeta {
-                            channel: p.channel.clone(),
-                            messages: publish_entries(&p.messages),
-                        })
-                        .collect(),
+                    declare: &b.declare,
+                    parts: PartsOf(&b.parts),
                 };
                 options().serialize_into(w, &meta)
             }
@@ -505,17 +557,6 @@ fn within(parent: &Bytes, part: &Bytes) -> bool {
 }
 
 /// The meta entries of published messages (payloads travel in the data section).
-fn publish_entries(messages: &[PublishMessage]) -> Vec<PublishEntry> {
-    messages
-        .iter()
-        .map(|m| PublishEntry {
-            sequence: m.sequence,
-            headers: m.headers.clone(),
-            len: payload_len(&m.payload),
-        })
-        .collect()
-}
-
 /// Published messages from their meta entries and the payloads split off the data section.
 fn publish_messages(
     entries: Vec<PublishEntry>,

@@ -284,7 +284,9 @@ pub struct OpenPublishMulti {
 /// One channel's batch inside a [`PublishMulti`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChannelBatch {
-    pub channel: String,
+    /// The channel by its number on this stream: the stream's frames declare names
+    /// ([`PublishMulti::declare`]), numbered from 0 in the order declared.
+    pub channel: u32,
     pub messages: Vec<PublishMessage>,
 }
 
@@ -293,6 +295,11 @@ pub struct ChannelBatch {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublishMulti {
     pub batch_id: u64,
+    /// Channel names numbered on this stream from here on, before the parts are read: the
+    /// first gets the number after the last one declared before (0 on a new stream). A part
+    /// then names its channel by number instead of by name, so a frame of thousands of
+    /// one-message parts does not carry, and the broker does not look up, a name per part.
+    pub declare: Vec<String>,
     pub parts: Vec<ChannelBatch>,
 }
 

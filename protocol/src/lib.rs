@@ -25,10 +25,10 @@ pub use names::{validate_channel_name, validate_identifier, validate_prefix, Nam
 
 /// ALPN identifier negotiated in the TLS handshake (§1). A future incompatible protocol gets
 /// a new ALPN *and* a new hello version, so an old broker refuses it during the handshake.
-pub const ALPN: &[u8] = b"directmq/1";
+pub const ALPN: &[u8] = b"directmq/2";
 
 /// The protocol version named in [`Hello`] and [`HelloOk`] (§3).
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Default largest message payload (64 MiB, SPEC §2).
 pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 64 * 1024 * 1024;

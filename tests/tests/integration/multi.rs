@@ -1,8 +1,10 @@
 //! Multi-channel publish streams (docs/protocol.md §4.2.1): one stream carries batches for
 //! many channels; per channel, order, sequences and exactly-once appends hold as on a
 //! stream per channel, through a SIGKILL of the broker; a frame with one bad part is
-//! refused whole and appends nothing.
+//! refused whole and appends nothing; parts name their channels by numbers the stream's
+//! frames declared.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -139,6 +141,33 @@ async fn one_stream_publishes_many_channels_in_order_and_exactly_once_across_a_s
     Ok(())
 }
 
+/// Numbers channels for frames written by hand on one multi-channel stream, as the client
+/// library does: a name new to the stream is declared by the first frame that uses it.
+#[derive(Default)]
+struct Numbering(HashMap<String, u32>);
+
+impl Numbering {
+    fn frame(&mut self, batch_id: u64, parts: Vec<(&str, Vec<proto::PublishMessage>)>) -> Frame {
+        let mut declare = Vec::new();
+        let parts = parts
+            .into_iter()
+            .map(|(name, messages)| {
+                let next = self.0.len() as u32;
+                let channel = *self.0.entry(name.to_owned()).or_insert_with(|| {
+                    declare.push(name.to_owned());
+                    next
+                });
+                proto::ChannelBatch { channel, messages }
+            })
+            .collect();
+        Frame::PublishMulti(proto::PublishMulti {
+            batch_id,
+            declare,
+            parts,
+        })
+    }
+}
+
 /// Opens a multi-channel publish stream by hand, as `producer_id`.
 async fn open_multi(
     conn: &quinn::Connection,
@@ -174,32 +203,31 @@ async fn a_frame_with_a_bad_part_is_refused_whole_and_appends_nothing() -> Resul
         headers: vec![],
         payload: Bytes::from(vec![3u8; size]),
     };
-    let part = |channel: &str, messages| proto::ChannelBatch {
-        channel: channel.into(),
-        messages,
-    };
     // Each frame: a good part first, then one that must be refused.
-    let cases: Vec<(proto::ChannelBatch, ErrorCode)> = vec![
+    let cases: Vec<(&str, Vec<proto::PublishMessage>, ErrorCode)> = vec![
         (
-            part("multi/b", vec![message(1, 5000)]),
+            "multi/b",
+            vec![message(1, 5000)],
             ErrorCode::MESSAGE_TOO_LARGE,
         ),
         (
-            part("no spaces allowed", vec![message(1, 10)]),
+            "no spaces allowed",
+            vec![message(1, 10)],
             ErrorCode::INVALID_CHANNEL_NAME,
         ),
         (
-            part("multi/b", vec![message(5, 10), message(5, 10)]),
+            "multi/b",
+            vec![message(5, 10), message(5, 10)],
             ErrorCode::INVALID_SEQUENCE,
         ),
     ];
-    for (batch_id, (bad, code)) in (1u64..).zip(cases) {
+    for (batch_id, (bad, messages, code)) in (1u64..).zip(cases) {
         let (mut w, mut r) = open_multi(&conn, "raw").await?;
-        w.write(&Frame::PublishMulti(proto::PublishMulti {
+        let frame = Numbering::default().frame(
             batch_id,
-            parts: vec![part("multi/a", vec![message(batch_id, 10)]), bad],
-        }))
-        .await?;
+            vec![("multi/a", vec![message(batch_id, 10)]), (bad, messages)],
+        );
+        w.write(&frame).await?;
         match r.next().await? {
             Some(Frame::Error(e)) => {
                 ensure!(e.code == code && e.request_id == batch_id, "{e:?}")
@@ -223,25 +251,56 @@ async fn a_frame_with_a_bad_part_is_refused_whole_and_appends_nothing() -> Resul
         stored == 0,
         "{stored} messages of refused frames were stored"
     );
+    // A part naming a number the stream never declared refuses the frame whole: the
+    // declared part before it is not appended either.
+    let (mut w, mut r) = open_multi(&conn, "raw3").await?;
+    let mut frame = Numbering::default().frame(
+        7,
+        vec![
+            ("multi/a", vec![message(1, 10)]),
+            ("multi/b", vec![message(1, 10)]),
+        ],
+    );
+    if let Frame::PublishMulti(multi) = &mut frame {
+        multi.declare.pop();
+    }
+    w.write(&frame).await?;
+    match r.next().await? {
+        Some(Frame::Error(e)) => ensure!(
+            e.code == ErrorCode::MALFORMED_FRAME
+                && e.request_id == 7
+                && e.message.contains("channel number 1"),
+            "{e:?}"
+        ),
+        other => bail!("expected MALFORMED_FRAME, got {other:?}"),
+    }
+    let stored: u64 = c
+        .list_channels("multi/")
+        .await?
+        .iter()
+        .map(|i| i.head)
+        .sum();
+    ensure!(
+        stored == 0,
+        "{stored} messages of a refused frame were stored"
+    );
     // A channel deleted after the stream first used it refuses the next frame whole.
     let (mut w, mut r) = open_multi(&conn, "raw2").await?;
-    w.write(&Frame::PublishMulti(proto::PublishMulti {
-        batch_id: 1,
-        parts: vec![part("multi/doomed", vec![message(1, 10)])],
-    }))
-    .await?;
+    let mut numbering = Numbering::default();
+    w.write(&numbering.frame(1, vec![("multi/doomed", vec![message(1, 10)])]))
+        .await?;
     ensure!(
         matches!(r.next().await?, Some(Frame::PublishMultiAck(_))),
         "the first frame is stored"
     );
     c.delete_channel("multi/doomed").await?;
-    w.write(&Frame::PublishMulti(proto::PublishMulti {
-        batch_id: 2,
-        parts: vec![
-            part("multi/a", vec![message(100, 10)]),
-            part("multi/doomed", vec![message(2, 10)]),
+    w.write(&numbering.frame(
+        2,
+        vec![
+            ("multi/a", vec![message(100, 10)]),
+            ("multi/doomed", vec![message(2, 10)]),
         ],
-    }))
+    ))
     .await?;
     match r.next().await? {
         Some(Frame::Error(e)) => ensure!(
@@ -274,6 +333,35 @@ async fn a_frame_with_a_bad_part_is_refused_whole_and_appends_nothing() -> Resul
         Some(Frame::Error(e)) => ensure!(e.code == ErrorCode::INVALID_NAME, "{e:?}"),
         other => bail!("expected INVALID_NAME, got {other:?}"),
     }
+    // A name declared twice has two numbers for one channel; parts by either append in
+    // order.
+    let (mut w, mut r) = open_multi(&conn, "raw4").await?;
+    w.write(&Frame::PublishMulti(proto::PublishMulti {
+        batch_id: 1,
+        declare: vec!["twice/c".into(), "twice/c".into()],
+        parts: vec![
+            proto::ChannelBatch {
+                channel: 1,
+                messages: vec![message(1, 10)],
+            },
+            proto::ChannelBatch {
+                channel: 0,
+                messages: vec![message(2, 10)],
+            },
+        ],
+    }))
+    .await?;
+    match r.next().await? {
+        Some(Frame::PublishMultiAck(ack)) => ensure!(
+            ack.parts
+                .iter()
+                .map(|p| (p.first_offset, p.appended))
+                .collect::<Vec<_>>()
+                == [(0, 1), (1, 1)],
+            "{ack:?}"
+        ),
+        other => bail!("expected PublishMultiAck, got {other:?}"),
+    }
     // And the broker still serves. The first message stored on multi/a gets offset 0:
     // no part of any refused frame above was appended there, not even one queued behind
     // the checks (which a read of the durable head alone could miss).
@@ -299,19 +387,15 @@ async fn the_disk_budget_counts_a_whole_frame_not_each_part() -> Result<()> {
     let (_control_w, _control_r, reply) = hello(&conn, proto::PROTOCOL_VERSION).await?;
     ensure!(matches!(reply, Some(Frame::HelloOk(_))), "{reply:?}");
     let (mut w, mut r) = open_multi(&conn, "big").await?;
-    let part = |channel: &str| proto::ChannelBatch {
-        channel: channel.into(),
-        messages: vec![proto::PublishMessage {
+    let message = || {
+        vec![proto::PublishMessage {
             sequence: 1,
             headers: vec![],
             payload: Bytes::from(vec![5u8; 100_000]),
-        }],
+        }]
     };
-    w.write(&Frame::PublishMulti(proto::PublishMulti {
-        batch_id: 1,
-        parts: vec![part("budget/a"), part("budget/b")],
-    }))
-    .await?;
+    w.write(&Numbering::default().frame(1, vec![("budget/a", message()), ("budget/b", message())]))
+        .await?;
     match r.next().await? {
         Some(Frame::Error(e)) => ensure!(
             e.code == ErrorCode::STORAGE_FULL && e.request_id == 1,
@@ -352,21 +436,18 @@ async fn the_new_channels_of_a_frame_are_created_in_a_few_fsyncs() -> Result<()>
     let http = broker.http;
     let (mut w, mut r) = open_multi(&conn, "agent-new").await?;
     let before = fsyncs(http).await?;
+    let names: Vec<String> = (0..NEW).map(|c| format!("dc-a/new/s{c:03}")).collect();
     let parts = (0..NEW)
-        .map(|c| proto::ChannelBatch {
-            channel: format!("dc-a/new/s{c:03}"),
-            messages: vec![proto::PublishMessage {
+        .map(|c| {
+            let message = proto::PublishMessage {
                 sequence: 1,
                 headers: vec![],
                 payload: payload(c, 0, 1, 64),
-            }],
+            };
+            (names[c as usize].as_str(), vec![message])
         })
         .collect();
-    w.write(&Frame::PublishMulti(proto::PublishMulti {
-        batch_id: 1,
-        parts,
-    }))
-    .await?;
+    w.write(&Numbering::default().frame(1, parts)).await?;
     match r.next().await? {
         Some(Frame::PublishMultiAck(ack)) => ensure!(
             ack.parts.len() == NEW as usize && ack.parts.iter().all(|p| p.appended == 1),

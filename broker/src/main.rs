@@ -279,7 +279,8 @@ impl Conn {
 }
 
 /// Pins glibc's mmap threshold at 4 MiB and its trim threshold at 8 MiB, each unless the
-/// operator set it (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_` or `GLIBC_TUNABLES`).
+/// operator set it (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_` or `GLIBC_TUNABLES`);
+/// the trim threshold only when the mmap threshold was pinned.
 ///
 /// glibc raises the mmap threshold each time a large block is freed, up to 32 MiB; blocks of
 /// several MiB (a closed segment's index file, a checkpoint) then come from the heap arenas
@@ -315,6 +316,11 @@ fn pin_malloc_thresholds() -> String {
         libc::M_MMAP_THRESHOLD,
         4 << 20,
     );
+    if mmap != "4 MiB" {
+        // glibc's own trim threshold is twice the mmap threshold: one the operator chose (or
+        // one glibc still moves) leaves the trim threshold to glibc as well.
+        return format!("mmap threshold {mmap}, trim threshold left to glibc");
+    }
     let trim = pin(
         "MALLOC_TRIM_THRESHOLD_",
         "trim_threshold",

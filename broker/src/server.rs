@@ -1551,8 +1551,7 @@ impl Broker {
         }
         let (acks, pending) = mpsc::channel::<Box<Ack>>(ACKS_IN_FLIGHT);
         let acker = tokio::spawn(write_acks(writer, pending).in_current_span());
-        // The stream's channels by number, in the order its frames declared them.
-        let mut table: Vec<Resolved> = Vec::new();
+        let mut table = Declared::default();
         let mut shutdown = self.shutdown.subscribe();
         loop {
             let batch = match next_publish_frame(&mut reader, &mut shutdown).await {
@@ -1577,30 +1576,27 @@ impl Broker {
         let _ = acker.await;
     }
 
-    /// Opens the channels `batch` declares, all at once, and numbers them on after the
-    /// stream's `table`: the creations of new ones are queued together and share a group
-    /// commit, where opening them one by one waited for an fsync each (seconds for an
-    /// agent's first frame to thousands of new shards). A name declared twice is opened once
-    /// and gets both numbers. A refused open refuses the frame (the first in declaration
-    /// order); the other new channels may have been created meanwhile.
+    /// Opens the channels a frame declares (`names`, checked by [`Declared::check`]), all at
+    /// once, and numbers them on after the stream's `table`: the creations of new ones are
+    /// queued together and share a group commit, where opening them one by one waited for an
+    /// fsync each (seconds for an agent's first frame to thousands of new shards). A refused
+    /// open refuses the frame (the first in declaration order); the other new channels may
+    /// have been created meanwhile.
     async fn declare(
         &self,
         identity: &Principal,
         open: &proto::OpenPublishMulti,
         epoch: u64,
         names: Vec<String>,
-        table: &mut Vec<Resolved>,
+        table: &mut Declared,
     ) -> Result<(), Refusal> {
         if names.is_empty() {
             return Ok(());
         }
-        let mut distinct: Vec<&str> = names.iter().map(String::as_str).collect();
-        distinct.sort_unstable();
-        distinct.dedup();
-        let opens: Vec<proto::OpenPublish> = distinct
+        let opens: Vec<proto::OpenPublish> = names
             .iter()
             .map(|name| proto::OpenPublish {
-                channel: (*name).to_owned(),
+                channel: name.clone(),
                 producer_id: open.producer_id.clone(),
                 create: open.create,
             })
@@ -1611,29 +1607,9 @@ impl Broker {
                 .map(|single| self.open_publish(identity, single)),
         )
         .await;
-        // Refused in declaration order: the first refused name is the one reported.
-        let mut ids = HashMap::with_capacity(opens.len());
-        let mut refusals = HashMap::new();
-        for (single, result) in opens.iter().zip(opened) {
-            match result {
-                Ok((id, _, channel_epoch)) => {
-                    ids.insert(single.channel.as_str(), (id, channel_epoch));
-                }
-                Err(r) => {
-                    refusals.insert(single.channel.as_str(), r);
-                }
-            }
-        }
-        for name in &names {
-            if let Some(r) = refusals.remove(name.as_str()) {
-                return Err(r);
-            }
-        }
         let mut resolved = Vec::with_capacity(names.len());
-        for name in &names {
-            let Some(&(id, channel_epoch)) = ids.get(name.as_str()) else {
-                continue; // only a refused name has no id, and that returned above
-            };
+        for (name, result) in names.into_iter().zip(opened) {
+            let (id, _, channel_epoch) = result?;
             if channel_epoch != epoch {
                 return Err(Refusal::new(
                     ErrorCode::STORAGE_ERROR,
@@ -1643,11 +1619,14 @@ impl Broker {
             resolved.push(Resolved {
                 id,
                 heads: self.head_sender(id),
-                settings: self.config.channel_settings(name),
-                name: name.clone(),
+                settings: self.config.channel_settings(&name),
+                name,
             });
         }
-        table.extend(resolved);
+        for r in resolved {
+            table.names.insert(r.name.clone());
+            table.by_number.push(r);
+        }
         Ok(())
     }
 
@@ -1657,7 +1636,7 @@ impl Broker {
         open: &proto::OpenPublishMulti,
         epoch: u64,
         batch: proto::PublishMulti,
-        table: &mut Vec<Resolved>,
+        table: &mut Declared,
     ) -> Result<Ack, Refusal> {
         let received = Instant::now();
         // Planned and queued under as few state locks as possible: one for the whole
@@ -1675,21 +1654,15 @@ impl Broker {
             declare,
             parts,
         } = batch;
+        // A frame that is malformed by construction is refused before it can create any
+        // channel.
+        table.check(&declare, &parts)?;
         self.declare(identity, open, epoch, declare, table).await?;
         let mut planned = Vec::with_capacity(parts.len());
         let (mut count, mut bytes, mut frame_on_disk) = (0u64, 0u64, 0u64);
         // Every check that can refuse a part runs here, before anything is queued.
         for part in parts {
-            let Some(r) = table.get(part.channel as usize) else {
-                return Err(Refusal::new(
-                    ErrorCode::MALFORMED_FRAME,
-                    format!(
-                        "a part names channel number {}, but the stream has declared {} channels",
-                        part.channel,
-                        table.len()
-                    ),
-                ));
-            };
+            let r = &table.by_number[part.channel as usize];
             let (id, heads, settings) = (r.id, r.heads.clone(), r.settings);
             // Rights are read at every batch: one removed by an ACL reload applies now.
             self.authorize(identity, Right::Publish, &r.name)?;
@@ -2460,6 +2433,40 @@ fn stronger(a: Option<Durability>, b: Durability) -> Durability {
 }
 
 type Durable = oneshot::Receiver<Result<(), Arc<StorageError>>>;
+
+/// The channels a multi-channel publish stream's frames declared (§4.2.1).
+#[derive(Default)]
+struct Declared {
+    /// By number, in the order declared.
+    by_number: Vec<Resolved>,
+    /// Each name once: a stream declares a channel once, so its table grows with the
+    /// channels it uses, not with what a client repeats.
+    names: HashSet<String>,
+}
+
+impl Declared {
+    /// Refuses a frame that declares a name again (on this stream or twice in the frame) or
+    /// has a part naming a number neither declared before nor by the frame.
+    fn check(&self, declare: &[String], parts: &[proto::ChannelBatch]) -> Result<(), Refusal> {
+        let malformed = |message: String| Refusal::new(ErrorCode::MALFORMED_FRAME, message);
+        let mut seen = HashSet::with_capacity(declare.len());
+        for name in declare {
+            if self.names.contains(name) || !seen.insert(name.as_str()) {
+                return Err(malformed(format!(
+                    "channel {name:?} is declared twice on this stream"
+                )));
+            }
+        }
+        let known = self.by_number.len() + declare.len();
+        if let Some(part) = parts.iter().find(|p| p.channel as usize >= known) {
+            return Err(malformed(format!(
+                "a part names channel number {}, but the stream has declared {known} channels",
+                part.channel
+            )));
+        }
+        Ok(())
+    }
+}
 
 /// A channel a multi-channel publish stream has resolved once.
 struct Resolved {

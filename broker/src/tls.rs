@@ -196,7 +196,7 @@ pub fn ensure_dev_certs(dir: &Path, extra_names: &[String]) -> Result<bool, TlsE
     Ok(true)
 }
 
-/// The server's QUIC configuration: TLS 1.3, ALPN `directmq/1`, client certificates
+/// The server's QUIC configuration: TLS 1.3, ALPN `directmq/2`, client certificates
 /// chained to one of `ca_files` required.
 pub fn server_config(
     ca_files: &[PathBuf],

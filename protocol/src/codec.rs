@@ -556,7 +556,6 @@ fn within(parent: &Bytes, part: &Bytes) -> bool {
     !part.is_empty() && q >= p && q + part.len() <= p + parent.len()
 }
 
-/// The meta entries of published messages (payloads travel in the data section).
 /// Published messages from their meta entries and the payloads split off the data section.
 fn publish_messages(
     entries: Vec<PublishEntry>,

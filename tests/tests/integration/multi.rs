@@ -333,35 +333,59 @@ async fn a_frame_with_a_bad_part_is_refused_whole_and_appends_nothing() -> Resul
         Some(Frame::Error(e)) => ensure!(e.code == ErrorCode::INVALID_NAME, "{e:?}"),
         other => bail!("expected INVALID_NAME, got {other:?}"),
     }
-    // A name declared twice has two numbers for one channel; parts by either append in
-    // order.
+    // A stream declares a name once: again in the same frame, or in a later frame, refuses
+    // the frame whole (its table grows with the channels it uses, not with repetitions).
     let (mut w, mut r) = open_multi(&conn, "raw4").await?;
     w.write(&Frame::PublishMulti(proto::PublishMulti {
         batch_id: 1,
         declare: vec!["twice/c".into(), "twice/c".into()],
-        parts: vec![
-            proto::ChannelBatch {
-                channel: 1,
-                messages: vec![message(1, 10)],
-            },
-            proto::ChannelBatch {
-                channel: 0,
-                messages: vec![message(2, 10)],
-            },
-        ],
+        parts: vec![proto::ChannelBatch {
+            channel: 1,
+            messages: vec![message(1, 10)],
+        }],
     }))
     .await?;
     match r.next().await? {
-        Some(Frame::PublishMultiAck(ack)) => ensure!(
-            ack.parts
-                .iter()
-                .map(|p| (p.first_offset, p.appended))
-                .collect::<Vec<_>>()
-                == [(0, 1), (1, 1)],
-            "{ack:?}"
+        Some(Frame::Error(e)) => ensure!(
+            e.code == ErrorCode::MALFORMED_FRAME && e.message.contains("declared twice"),
+            "{e:?}"
         ),
-        other => bail!("expected PublishMultiAck, got {other:?}"),
+        other => bail!("expected MALFORMED_FRAME, got {other:?}"),
     }
+    let (mut w, mut r) = open_multi(&conn, "raw5").await?;
+    let mut numbering = Numbering::default();
+    w.write(&numbering.frame(1, vec![("twice/d", vec![message(1, 10)])]))
+        .await?;
+    ensure!(
+        matches!(r.next().await?, Some(Frame::PublishMultiAck(_))),
+        "the first declaration is taken"
+    );
+    w.write(&Frame::PublishMulti(proto::PublishMulti {
+        batch_id: 2,
+        declare: vec!["twice/d".into()],
+        parts: vec![proto::ChannelBatch {
+            channel: 1,
+            messages: vec![message(2, 10)],
+        }],
+    }))
+    .await?;
+    match r.next().await? {
+        Some(Frame::Error(e)) => ensure!(
+            e.code == ErrorCode::MALFORMED_FRAME && e.request_id == 2,
+            "{e:?}"
+        ),
+        other => bail!("expected MALFORMED_FRAME, got {other:?}"),
+    }
+    let twice: Vec<(String, u64)> = c
+        .list_channels("twice/")
+        .await?
+        .into_iter()
+        .map(|i| (i.name, i.head))
+        .collect();
+    ensure!(
+        twice == [("twice/d".to_owned(), 1)],
+        "only the first frame's message is stored, and no channel of a refused frame is created: {twice:?}"
+    );
     // And the broker still serves. The first message stored on multi/a gets offset 0:
     // no part of any refused frame above was appended there, not even one queued behind
     // the checks (which a read of the durable head alone could miss).

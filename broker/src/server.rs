@@ -487,8 +487,16 @@ impl Broker {
             HELLO_LIMIT
         };
         let mut reader = FrameReader::new(recv, first_limit).with_frame_timeout(frame_timeout);
+        // An older ALPN is accepted only to refuse its Hello (proto::OLDER_ALPNS).
+        let current_alpn = connection
+            .handshake_data()
+            .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|d| d.protocol)
+            .is_some_and(|alpn| alpn == proto::ALPN);
         let principal = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, reader.next()).await {
-            Ok(Ok(Some(Frame::Hello(hello)))) if hello.version == proto::PROTOCOL_VERSION => {
+            Ok(Ok(Some(Frame::Hello(hello))))
+                if hello.version == proto::PROTOCOL_VERSION && current_alpn =>
+            {
                 debug!(client = %hello.client, "hello");
                 match self.principal(identity, hello.token.as_deref()) {
                     Ok(p) => p,
@@ -504,9 +512,11 @@ impl Broker {
             }
             Ok(Ok(Some(Frame::Hello(hello)))) => {
                 let message = format!(
-                    "this broker speaks protocol version {}; the client asked for version {}",
+                    "this broker speaks protocol version {} (ALPN {}); the client asked for version {}{}",
                     proto::PROTOCOL_VERSION,
-                    hello.version
+                    String::from_utf8_lossy(proto::ALPN),
+                    hello.version,
+                    if current_alpn { "" } else { " over an older ALPN: upgrade the client" }
                 );
                 info!(%message, "refusing a client");
                 writer.fail(ErrorCode::UNSUPPORTED_VERSION, message).await;

@@ -233,7 +233,11 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(net::load_certs(cert)?, net::load_key(key)?)
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    tls.alpn_protocols = vec![directmq_protocol::ALPN.to_vec()];
+    // The current protocol first: rustls picks the server's first that the client offers.
+    tls.alpn_protocols = std::iter::once(directmq_protocol::ALPN)
+        .chain(directmq_protocol::OLDER_ALPNS.iter().copied())
+        .map(<[u8]>::to_vec)
+        .collect();
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));

@@ -27,6 +27,12 @@ pub use names::{validate_channel_name, validate_identifier, validate_prefix, Nam
 /// a new ALPN *and* a new hello version, so an old broker refuses it during the handshake.
 pub const ALPN: &[u8] = b"directmq/2";
 
+/// ALPNs of earlier protocol versions. A broker accepts them in the handshake only to answer
+/// the Hello with `UNSUPPORTED_VERSION` (whose frames have not changed): an old agent then
+/// gets an error that says to upgrade and stops, instead of a failed handshake it would
+/// take for a network fault and retry forever.
+pub const OLDER_ALPNS: &[&[u8]] = &[b"directmq/1"];
+
 /// The protocol version named in [`Hello`] and [`HelloOk`] (§3).
 pub const PROTOCOL_VERSION: u16 = 2;
 

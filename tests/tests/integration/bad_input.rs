@@ -14,7 +14,17 @@ use directmq_tests::{client, test_config};
 
 /// A QUIC connection made by hand, to send what the client library never would.
 pub(crate) async fn raw_connection(addr: SocketAddr, data: &Path) -> Result<quinn::Connection> {
-    let tls = net::client_tls(&data.join("certs"))?;
+    raw_connection_alpn(addr, data, proto::ALPN).await
+}
+
+/// [`raw_connection`] offering only `alpn` in the TLS handshake.
+async fn raw_connection_alpn(
+    addr: SocketAddr,
+    data: &Path,
+    alpn: &[u8],
+) -> Result<quinn::Connection> {
+    let mut tls = net::client_tls(&data.join("certs"))?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
@@ -81,17 +91,41 @@ async fn bad_input_gets_clear_errors_and_the_broker_keeps_serving() -> Result<()
 
     // Wrong protocol version: refused during the hello.
     let conn = raw_connection(addr, dir.path()).await?;
-    match hello(&conn, 2).await?.2 {
+    let future = proto::PROTOCOL_VERSION + 1;
+    match hello(&conn, future).await?.2 {
         Some(Frame::Error(e)) => {
             ensure!(e.code == ErrorCode::UNSUPPORTED_VERSION, "{e:?}");
             ensure!(
-                e.message.contains("version 1") && e.message.contains("version 2"),
+                e.message
+                    .contains(&format!("version {}", proto::PROTOCOL_VERSION))
+                    && e.message.contains(&format!("version {future}")),
                 "{}",
                 e.message
             );
         }
         other => bail!("expected UNSUPPORTED_VERSION, got {other:?}"),
     }
+    // A client of an older protocol (its own ALPN, its own version) completes the handshake
+    // and is told to upgrade, where a failed handshake would look like a network fault to
+    // it; its ALPN alone is refused even with the current version in its hello.
+    for version in [1, proto::PROTOCOL_VERSION] {
+        let conn = raw_connection_alpn(addr, dir.path(), b"directmq/1").await?;
+        match hello(&conn, version).await?.2 {
+            Some(Frame::Error(e)) => ensure!(
+                e.code == ErrorCode::UNSUPPORTED_VERSION
+                    && e.message.contains("upgrade the client"),
+                "{e:?}"
+            ),
+            other => bail!("expected UNSUPPORTED_VERSION, got {other:?}"),
+        }
+    }
+    // An ALPN the broker never spoke fails the handshake.
+    ensure!(
+        raw_connection_alpn(addr, dir.path(), b"directmq/0")
+            .await
+            .is_err(),
+        "a handshake with an unknown ALPN succeeded"
+    );
 
     let conn = raw_connection(addr, dir.path()).await?;
     let (_control_w, _control_r, reply) = hello(&conn, proto::PROTOCOL_VERSION).await?;

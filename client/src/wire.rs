@@ -41,6 +41,9 @@ fn write_reason(e: &quinn::WriteError) -> String {
 /// little until its bytes arrive: at most twice what was received, plus this.
 const RESERVE_STEP: usize = 4 * 1024 * 1024;
 
+/// Chunks taken from the stream per read.
+const READ_CHUNKS: usize = 32;
+
 /// Reads whole frames from a receive stream.
 #[derive(Debug)]
 pub struct FrameReader {
@@ -96,22 +99,27 @@ impl FrameReader {
                 self.buf
                     .reserve(missing.min(RESERVE_STEP.max(self.buf.len())));
             }
-            let read = self.recv.read_chunk(1 << 20, true);
-            let chunk = match (self.frame_timeout, self.frame_started) {
+            // Many chunks per call: each call locks the connection, and a chunk is one
+            // packet's worth (~1.2 KB), so one at a time was a lock per packet.
+            let mut chunks: [Bytes; READ_CHUNKS] = Default::default();
+            let read = self.recv.read_chunks(&mut chunks);
+            let count = match (self.frame_timeout, self.frame_started) {
                 (Some(limit), Some(started)) => {
                     match tokio::time::timeout_at(started + limit, read).await {
-                        Ok(chunk) => chunk?,
+                        Ok(count) => count?,
                         Err(_) => return Err(StreamError::SlowFrame(limit)),
                     }
                 }
                 _ => read.await?,
             };
-            match chunk {
-                Some(chunk) => {
+            match count {
+                Some(count) => {
                     if self.buf.is_empty() {
                         self.frame_started = Some(tokio::time::Instant::now());
                     }
-                    self.buf.extend_from_slice(&chunk.bytes);
+                    for chunk in &chunks[..count] {
+                        self.buf.extend_from_slice(chunk);
+                    }
                 }
                 None if self.buf.is_empty() => return Ok(None),
                 None => return Err(StreamError::Truncated),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use directmq_client::{FrameReader, FrameWriter, StreamError};
 use directmq_protocol::{self as proto, ErrorCode, Frame, RequestBody, ResponseBody};
-use directmq_storage::{Durability, Record, StorageError, Store, StoredMessage};
+use directmq_storage::{Durability, ReadMessage, Record, StorageError, Store, StoredMessage};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
@@ -2071,6 +2071,12 @@ impl Broker {
             }
         });
         let (commits_tx, mut commits) = mpsc::unbounded_channel::<Result<u64, Refusal>>();
+        // Messages read past what the last frame could take (the rest of its last batch:
+        // reads answer whole batches) and the buffers they lie in. The next frame starts with
+        // them instead of reading that batch again, which a catch-up in frames smaller than
+        // its batches did for ~15-40% more bytes than it delivered.
+        let mut carry: std::collections::VecDeque<ReadMessage> = Default::default();
+        let mut carry_buffers: Vec<bytes::Bytes> = Vec::new();
         let mut shutdown = self.shutdown.subscribe();
         loop {
             let head_now = *heads.borrow_and_update();
@@ -2083,31 +2089,53 @@ impl Broker {
                     writer.fail(r.code, r.message).await;
                     break;
                 }
-                let store = self.store.clone();
                 let max_messages = (credit_messages as usize).min(DELIVER_MESSAGES);
                 let max_bytes = credit_bytes.min(DELIVER_BYTES);
-                let read = tokio::task::spawn_blocking(move || {
-                    store.read_with_buffers(channel_id, next, max_messages, max_bytes)
-                })
-                .await;
-                let (messages, buffers) = match read {
-                    Ok(Ok(read)) => read,
-                    Ok(Err(e)) => {
-                        warn!(error = %e, channel_id, offset = next, "read failed; ending the session");
-                        writer
-                            .fail(
-                                ErrorCode::STORAGE_ERROR,
-                                format!("the broker could not read offset {next}: {e}"),
-                            )
-                            .await;
+                // What is carried was durable when read, like what a read just before a
+                // deletion or a retention pass answers; a deleted channel ends the session
+                // once it waits (below).
+                if carry.front().is_none_or(|m| m.offset != next) {
+                    carry.clear();
+                    carry_buffers.clear();
+                }
+                if carry.is_empty() {
+                    let store = self.store.clone();
+                    let read = tokio::task::spawn_blocking(move || {
+                        store.read_whole_batches(channel_id, next, max_messages, max_bytes)
+                    })
+                    .await;
+                    let (read, buffers) = match read {
+                        Ok(Ok(read)) => read,
+                        Ok(Err(e)) => {
+                            warn!(error = %e, channel_id, offset = next, "read failed; ending the session");
+                            writer
+                                .fail(
+                                    ErrorCode::STORAGE_ERROR,
+                                    format!("the broker could not read offset {next}: {e}"),
+                                )
+                                .await;
+                            break;
+                        }
+                        Err(_) => break,
+                    };
+                    // Only what is durable is delivered, or carried.
+                    carry.extend(read.into_iter().filter(|m| m.offset < head_now));
+                    carry_buffers = buffers;
+                }
+                let mut messages = Vec::with_capacity(carry.len().min(max_messages));
+                let mut taken_bytes = 0u64;
+                while let Some(m) = carry.pop_front() {
+                    taken_bytes += m.payload.len() as u64;
+                    messages.push(m);
+                    if messages.len() >= max_messages || taken_bytes >= max_bytes {
                         break;
                     }
-                    Err(_) => break,
+                }
+                let buffers = if carry.is_empty() {
+                    std::mem::take(&mut carry_buffers)
+                } else {
+                    carry_buffers.clone()
                 };
-                let messages: Vec<_> = messages
-                    .into_iter()
-                    .filter(|m| m.offset < head_now)
-                    .collect();
                 if let Some(first) = messages.first().filter(|m| m.offset > next) {
                     // The batches at `next` are gone (see the MESSAGES_DROPPED case below).
                     writer

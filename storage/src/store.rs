@@ -335,7 +335,32 @@ impl Store {
         max_messages: usize,
         max_bytes: u64,
     ) -> Result<(Vec<ReadMessage>, Vec<Bytes>), StorageError> {
-        match self.read_once(channel_id, from, max_messages, max_bytes) {
+        self.read_retrying(channel_id, from, max_messages, max_bytes, false)
+    }
+
+    /// [`Store::read_with_buffers`] that does not stop inside a batch: the batch that reaches
+    /// `max_messages` or `max_bytes` is answered whole. A reader that delivers in steps
+    /// smaller than the batches keeps the rest for its next step instead of reading (and
+    /// checksumming) the batch again from the disk.
+    pub fn read_whole_batches(
+        &self,
+        channel_id: u64,
+        from: u64,
+        max_messages: usize,
+        max_bytes: u64,
+    ) -> Result<(Vec<ReadMessage>, Vec<Bytes>), StorageError> {
+        self.read_retrying(channel_id, from, max_messages, max_bytes, true)
+    }
+
+    fn read_retrying(
+        &self,
+        channel_id: u64,
+        from: u64,
+        max_messages: usize,
+        max_bytes: u64,
+        whole_batches: bool,
+    ) -> Result<(Vec<ReadMessage>, Vec<Bytes>), StorageError> {
+        match self.read_once(channel_id, from, max_messages, max_bytes, whole_batches) {
             Err(StorageError::Io { source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound =>
             {
@@ -343,7 +368,7 @@ impl Store {
                 // its pass is over the index no longer points there: read again (what was
                 // deleted now reads as starting later, which the caller sees).
                 drop(self.shared.deleting.lock().expect("deleting lock"));
-                self.read_once(channel_id, from, max_messages, max_bytes)
+                self.read_once(channel_id, from, max_messages, max_bytes, whole_batches)
             }
             other => other,
         }
@@ -355,6 +380,7 @@ impl Store {
         from: u64,
         max_messages: usize,
         max_bytes: u64,
+        whole_batches: bool,
     ) -> Result<(Vec<ReadMessage>, Vec<Bytes>), StorageError> {
         let mut buffers = Vec::new();
         let mut out = Vec::new();
@@ -379,6 +405,7 @@ impl Store {
                 }
                 let (batch, buffer) = self.read_batch(&entry)?;
                 buffers.push(buffer);
+                let mut full = false;
                 for (i, m) in batch.messages.into_iter().enumerate() {
                     let offset = batch.base_offset + i as u64;
                     if offset < expected {
@@ -392,9 +419,13 @@ impl Store {
                         payload: m.payload,
                     });
                     expected = offset + 1;
-                    if out.len() >= max_messages || bytes >= max_bytes {
+                    full = full || out.len() >= max_messages || bytes >= max_bytes;
+                    if full && !whole_batches {
                         break 'outer;
                     }
+                }
+                if full {
+                    break 'outer;
                 }
             }
             entries = self.shared.index.scan(channel_id, expected, 16)?;

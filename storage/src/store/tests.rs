@@ -683,6 +683,35 @@ fn reads_answer_the_buffers_their_payloads_lie_in() {
 }
 
 #[test]
+fn whole_batch_reads_finish_the_batch_that_reaches_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    let a = create(&store, "a");
+    publish(&store, a, "p", 1, &[b"0", b"1", b"2", b"3"]);
+    publish(&store, a, "p", 5, &[b"4", b"5"]);
+    let offsets = |m: &[ReadMessage]| m.iter().map(|m| m.offset).collect::<Vec<_>>();
+    // The limit falls inside the first batch: a plain read stops there, a whole-batch read
+    // answers the rest of that batch and no more.
+    assert_eq!(offsets(&store.read(a, 1, 2, u64::MAX).unwrap()), [1, 2]);
+    let (messages, buffers) = store.read_whole_batches(a, 1, 2, u64::MAX).unwrap();
+    assert_eq!(offsets(&messages), [1, 2, 3]);
+    assert_eq!(buffers.len(), 1);
+    // The byte limit likewise; a limit at a batch's end reads no further.
+    assert_eq!(
+        offsets(&store.read_whole_batches(a, 0, usize::MAX, 1).unwrap().0),
+        [0, 1, 2, 3]
+    );
+    assert_eq!(
+        offsets(&store.read_whole_batches(a, 0, 4, u64::MAX).unwrap().0),
+        [0, 1, 2, 3]
+    );
+    assert_eq!(
+        offsets(&store.read_whole_batches(a, 3, 2, u64::MAX).unwrap().0),
+        [3, 4, 5]
+    );
+}
+
+#[test]
 fn closed_segments_are_indexed_in_files_and_only_the_active_one_in_memory() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");

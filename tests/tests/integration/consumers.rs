@@ -331,3 +331,132 @@ async fn a_standby_takes_over_when_the_active_consumer_process_is_killed() -> Re
     running.shutdown().await;
     Ok(())
 }
+
+/// A batch larger than the consumer's credit goes out over several frames: each frame at
+/// most the credit, every message once and in order, including the rest of a batch the
+/// broker carried between frames instead of reading it again; a channel deleted while some
+/// of a batch is carried ends the session without delivering it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_the_credit_is_delivered_in_steps_exactly_once() -> Result<()> {
+    use anyhow::bail;
+    use bytes::Bytes;
+    use directmq_client::{FrameReader, FrameWriter};
+    use directmq_protocol::{self as proto, Frame};
+
+    use crate::bad_input::{hello, raw_connection};
+
+    directmq_tests::init_logging();
+    let dir = tempfile::tempdir()?;
+    let running = directmq_broker::start(test_config(dir.path())).await?;
+    let c = client(running.quic_addr, dir.path()).await?;
+    let conn = raw_connection(running.quic_addr, dir.path()).await?;
+    let (_control_w, _control_r, reply) = hello(&conn, proto::PROTOCOL_VERSION).await?;
+    ensure!(matches!(reply, Some(Frame::HelloOk(_))), "{reply:?}");
+    // Two batches of 40 messages each, one frame apiece.
+    let (send, recv) = conn.open_bi().await?;
+    let (mut w, mut r) = (FrameWriter::new(send), FrameReader::new(recv, 1 << 30));
+    w.write(&Frame::OpenPublish(proto::OpenPublish {
+        channel: "steps".into(),
+        producer_id: "p".into(),
+        create: true,
+    }))
+    .await?;
+    ensure!(
+        matches!(r.next().await?, Some(Frame::PublishOpened(_))),
+        "opened"
+    );
+    for batch in 0..2u64 {
+        w.write(&Frame::PublishBatch(proto::PublishBatch {
+            batch_id: batch,
+            messages: (batch * 40..batch * 40 + 40)
+                .map(|i| proto::PublishMessage {
+                    sequence: i,
+                    headers: vec![],
+                    payload: Bytes::from(format!("m{i}")),
+                })
+                .collect(),
+        }))
+        .await?;
+        match r.next().await? {
+            Some(Frame::PublishAck(a)) => ensure!(a.appended == 40, "{a:?}"),
+            other => bail!("expected PublishAck, got {other:?}"),
+        }
+    }
+    let subscribe = |consumer: &str, credit: u32| {
+        Frame::Subscribe(proto::Subscribe {
+            channel: "steps".into(),
+            consumer: consumer.into(),
+            start: StartPosition::Earliest,
+            credit_messages: credit,
+            credit_bytes: 1 << 20,
+            standby: false,
+        })
+    };
+    let (send, recv) = conn.open_bi().await?;
+    let (mut w, mut r) = (FrameWriter::new(send), FrameReader::new(recv, 1 << 30));
+    w.write(&subscribe("stepper", 7)).await?;
+    ensure!(
+        matches!(r.next().await?, Some(Frame::Subscribed(_))),
+        "subscribed"
+    );
+    let mut delivered: Vec<(u64, Bytes)> = Vec::new();
+    while delivered.len() < 80 {
+        let next = tokio::time::timeout(Duration::from_secs(30), r.next()).await;
+        match next.context("the 80 messages did not all arrive")?? {
+            Some(Frame::Deliver(d)) => {
+                ensure!(
+                    !d.messages.is_empty() && d.messages.len() <= 7,
+                    "a frame of {} messages with a credit of 7",
+                    d.messages.len()
+                );
+                let n = d.messages.len() as u32;
+                delivered.extend(d.messages.into_iter().map(|m| (m.offset, m.payload)));
+                w.write(&Frame::Credit(proto::Credit {
+                    messages: n,
+                    bytes: 1 << 20,
+                }))
+                .await?;
+            }
+            other => bail!("expected Deliver, got {other:?}"),
+        }
+    }
+    let expected: Vec<(u64, Bytes)> = (0..80u64)
+        .map(|i| (i, Bytes::from(format!("m{i}"))))
+        .collect();
+    ensure!(delivered == expected, "{delivered:?}");
+
+    // A second consumer takes 7 of the first batch's 40; the rest is carried. The channel is
+    // deleted, then credit comes: nothing more is delivered, the session ends.
+    let (send, recv) = conn.open_bi().await?;
+    let (mut w, mut r) = (FrameWriter::new(send), FrameReader::new(recv, 1 << 30));
+    w.write(&subscribe("deleted", 7)).await?;
+    ensure!(
+        matches!(r.next().await?, Some(Frame::Subscribed(_))),
+        "subscribed"
+    );
+    match r.next().await? {
+        Some(Frame::Deliver(d)) => ensure!(d.messages.len() == 7, "{}", d.messages.len()),
+        other => bail!("expected Deliver, got {other:?}"),
+    }
+    c.delete_channel("steps").await?;
+    // Sent after the deletion is durable: whatever the session does next sees it.
+    let _ = w
+        .write(&Frame::Credit(proto::Credit {
+            messages: 7,
+            bytes: 1 << 20,
+        }))
+        .await;
+    match tokio::time::timeout(Duration::from_secs(30), r.next()).await? {
+        Ok(Some(Frame::Error(e))) => ensure!(e.code == ErrorCode::CHANNEL_NOT_FOUND, "{e:?}"),
+        Ok(Some(Frame::Deliver(d))) => {
+            bail!(
+                "{} messages of a deleted channel were delivered",
+                d.messages.len()
+            )
+        }
+        other => bail!("expected CHANNEL_NOT_FOUND, got {other:?}"),
+    }
+    c.close().await;
+    running.shutdown().await;
+    Ok(())
+}

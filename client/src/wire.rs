@@ -44,6 +44,9 @@ const RESERVE_STEP: usize = 4 * 1024 * 1024;
 /// Chunks taken from the stream per read.
 const READ_CHUNKS: usize = 32;
 
+/// Readers with a frame limit below this take one chunk (of at most the limit) per read.
+const MANY_CHUNKS_FROM: u64 = 1024 * 1024;
+
 /// Reads whole frames from a receive stream.
 #[derive(Debug)]
 pub struct FrameReader {
@@ -100,9 +103,21 @@ impl FrameReader {
                     .reserve(missing.min(RESERVE_STEP.max(self.buf.len())));
             }
             // Many chunks per call: each call locks the connection, and a chunk is one
-            // packet's worth (~1.2 KB), so one at a time was a lock per packet.
+            // packet's worth (~1.2 KB), so one at a time was a lock per packet. A chunk can
+            // be larger (quinn joins what it buffered), so a reader with a small frame limit
+            // (a peer not yet authenticated) takes one chunk of at most its limit per read.
             let mut chunks: [Bytes; READ_CHUNKS] = Default::default();
-            let read = self.recv.read_chunks(&mut chunks);
+            let read = async {
+                if self.max_frame_bytes < MANY_CHUNKS_FROM {
+                    let limit = self.max_frame_bytes as usize + proto::HEADER_LEN;
+                    Ok(self.recv.read_chunk(limit, true).await?.map(|chunk| {
+                        chunks[0] = chunk.bytes;
+                        1
+                    }))
+                } else {
+                    self.recv.read_chunks(&mut chunks).await
+                }
+            };
             let count = match (self.frame_timeout, self.frame_started) {
                 (Some(limit), Some(started)) => {
                     match tokio::time::timeout_at(started + limit, read).await {

@@ -46,7 +46,9 @@ pub(crate) async fn hello(
             token: None,
         }))
         .await?;
-    let reply = reader.next().await?;
+    let reply = tokio::time::timeout(std::time::Duration::from_secs(30), reader.next())
+        .await
+        .context("no answer to the hello within 30 s")??;
     Ok((writer, reader, reply))
 }
 

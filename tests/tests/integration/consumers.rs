@@ -362,7 +362,7 @@ async fn a_batch_larger_than_the_credit_is_delivered_in_steps_exactly_once() -> 
     }))
     .await?;
     ensure!(
-        matches!(r.next().await?, Some(Frame::PublishOpened(_))),
+        matches!(next_within(&mut r).await?, Some(Frame::PublishOpened(_))),
         "opened"
     );
     for batch in 0..2u64 {
@@ -377,7 +377,7 @@ async fn a_batch_larger_than_the_credit_is_delivered_in_steps_exactly_once() -> 
                 .collect(),
         }))
         .await?;
-        match r.next().await? {
+        match next_within(&mut r).await? {
             Some(Frame::PublishAck(a)) => ensure!(a.appended == 40, "{a:?}"),
             other => bail!("expected PublishAck, got {other:?}"),
         }
@@ -396,13 +396,12 @@ async fn a_batch_larger_than_the_credit_is_delivered_in_steps_exactly_once() -> 
     let (mut w, mut r) = (FrameWriter::new(send), FrameReader::new(recv, 1 << 30));
     w.write(&subscribe("stepper", 7)).await?;
     ensure!(
-        matches!(r.next().await?, Some(Frame::Subscribed(_))),
+        matches!(next_within(&mut r).await?, Some(Frame::Subscribed(_))),
         "subscribed"
     );
     let mut delivered: Vec<(u64, Bytes)> = Vec::new();
     while delivered.len() < 80 {
-        let next = tokio::time::timeout(Duration::from_secs(30), r.next()).await;
-        match next.context("the 80 messages did not all arrive")?? {
+        match next_within(&mut r).await? {
             Some(Frame::Deliver(d)) => {
                 ensure!(
                     !d.messages.is_empty() && d.messages.len() <= 7,
@@ -431,10 +430,10 @@ async fn a_batch_larger_than_the_credit_is_delivered_in_steps_exactly_once() -> 
     let (mut w, mut r) = (FrameWriter::new(send), FrameReader::new(recv, 1 << 30));
     w.write(&subscribe("deleted", 7)).await?;
     ensure!(
-        matches!(r.next().await?, Some(Frame::Subscribed(_))),
+        matches!(next_within(&mut r).await?, Some(Frame::Subscribed(_))),
         "subscribed"
     );
-    match r.next().await? {
+    match next_within(&mut r).await? {
         Some(Frame::Deliver(d)) => ensure!(d.messages.len() == 7, "{}", d.messages.len()),
         other => bail!("expected Deliver, got {other:?}"),
     }
@@ -446,9 +445,9 @@ async fn a_batch_larger_than_the_credit_is_delivered_in_steps_exactly_once() -> 
             bytes: 1 << 20,
         }))
         .await;
-    match tokio::time::timeout(Duration::from_secs(30), r.next()).await? {
-        Ok(Some(Frame::Error(e))) => ensure!(e.code == ErrorCode::CHANNEL_NOT_FOUND, "{e:?}"),
-        Ok(Some(Frame::Deliver(d))) => {
+    match next_within(&mut r).await? {
+        Some(Frame::Error(e)) => ensure!(e.code == ErrorCode::CHANNEL_NOT_FOUND, "{e:?}"),
+        Some(Frame::Deliver(d)) => {
             bail!(
                 "{} messages of a deleted channel were delivered",
                 d.messages.len()
@@ -459,4 +458,14 @@ async fn a_batch_larger_than_the_credit_is_delivered_in_steps_exactly_once() -> 
     c.close().await;
     running.shutdown().await;
     Ok(())
+}
+
+/// The next frame on `reader`, failing after 30 s instead of waiting forever.
+async fn next_within(
+    reader: &mut directmq_client::FrameReader,
+) -> Result<Option<directmq_protocol::Frame>> {
+    tokio::time::timeout(Duration::from_secs(30), reader.next())
+        .await
+        .context("no frame within 30 s")?
+        .map_err(Into::into)
 }

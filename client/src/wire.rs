@@ -57,6 +57,10 @@ pub struct FrameReader {
     frame_timeout: Option<std::time::Duration>,
     /// When the first byte of the frame being read arrived.
     frame_started: Option<tokio::time::Instant>,
+    /// Bytes received past the end of a frame that `buf` had no room for: the next frames'.
+    /// Kept aside instead of growing `buf`, which would copy the whole frame into a buffer
+    /// twice its size (a 64 MiB frame into 128 MiB) for the first bytes of the next one.
+    pending: std::collections::VecDeque<Bytes>,
 }
 
 impl FrameReader {
@@ -70,6 +74,7 @@ impl FrameReader {
             max_frame_bytes,
             frame_timeout: None,
             frame_started: None,
+            pending: std::collections::VecDeque::new(),
         }
     }
 
@@ -92,6 +97,7 @@ impl FrameReader {
             if let Some(frame) = self.next_buffered()? {
                 return Ok(Some(frame));
             }
+            // next_buffered took what was pending as far as the frame needs.
             if self.buf.len() >= proto::HEADER_LEN {
                 // Grow towards the declared size, never far ahead of what came: by at
                 // least a step and at most what is buffered already, so a large frame is
@@ -132,8 +138,13 @@ impl FrameReader {
                     if self.buf.is_empty() {
                         self.frame_started = Some(tokio::time::Instant::now());
                     }
-                    for chunk in &chunks[..count] {
-                        self.buf.extend_from_slice(chunk);
+                    for chunk in &mut chunks[..count] {
+                        let chunk = std::mem::take(chunk);
+                        if !self.pending.is_empty() {
+                            self.pending.push_back(chunk);
+                        } else if let Some(rest) = self.fill(chunk) {
+                            self.pending.push_back(rest);
+                        }
                     }
                 }
                 None if self.buf.is_empty() => return Ok(None),
@@ -145,8 +156,19 @@ impl FrameReader {
     /// The next frame if all of it has already been received, without reading the stream:
     /// what a peer pipelined behind the frame just read.
     pub fn next_buffered(&mut self) -> Result<Option<Frame>, StreamError> {
-        let Some(frame) = proto::decode(&mut self.buf, self.max_frame_bytes)? else {
-            return Ok(None);
+        let frame = loop {
+            if let Some(frame) = proto::decode(&mut self.buf, self.max_frame_bytes)? {
+                break frame;
+            }
+            let Some(chunk) = self.pending.pop_front() else {
+                return Ok(None);
+            };
+            if self.buf.is_empty() {
+                self.frame_started = Some(tokio::time::Instant::now());
+            }
+            if let Some(rest) = self.fill(chunk) {
+                self.pending.push_front(rest);
+            }
         };
         if self.buf.is_empty() {
             // Let the allocation go with the frame's payloads instead of keeping it for the
@@ -156,6 +178,23 @@ impl FrameReader {
         }
         self.frame_started = (!self.buf.is_empty()).then(tokio::time::Instant::now);
         Ok(Some(frame))
+    }
+
+    /// Appends received bytes to the frame buffer, except those past the end of a frame
+    /// already complete that the buffer has no room for: answered, for [`Self::pending`].
+    fn fill(&mut self, mut chunk: Bytes) -> Option<Bytes> {
+        if self.buf.len() >= proto::HEADER_LEN {
+            let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
+            let to_end = (proto::HEADER_LEN + len as usize).saturating_sub(self.buf.len());
+            let room = self.buf.capacity() - self.buf.len();
+            if chunk.len() > to_end && chunk.len() > room {
+                let rest = chunk.split_off(to_end);
+                self.buf.extend_from_slice(&chunk);
+                return Some(rest);
+            }
+        }
+        self.buf.extend_from_slice(&chunk);
+        None
     }
 
     /// Changes the largest frame accepted (after the hello announced the peer's limit).

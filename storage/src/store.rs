@@ -321,27 +321,16 @@ impl Store {
         max_messages: usize,
         max_bytes: u64,
     ) -> Result<Vec<ReadMessage>, StorageError> {
-        self.read_with_buffers(channel_id, from, max_messages, max_bytes)
+        self.read_retrying(channel_id, from, max_messages, max_bytes, false)
             .map(|(messages, _)| messages)
     }
 
-    /// [`Store::read`], also answering the batches' read buffers, of which the payloads are
-    /// slices: the payloads of one batch lie side by side in its buffer, so a sender can
-    /// pass them on as one slice instead of copying each.
-    pub fn read_with_buffers(
-        &self,
-        channel_id: u64,
-        from: u64,
-        max_messages: usize,
-        max_bytes: u64,
-    ) -> Result<(Vec<ReadMessage>, Vec<Bytes>), StorageError> {
-        self.read_retrying(channel_id, from, max_messages, max_bytes, false)
-    }
-
-    /// [`Store::read_with_buffers`] that does not stop inside a batch: the batch that reaches
-    /// `max_messages` or `max_bytes` is answered whole. A reader that delivers in steps
-    /// smaller than the batches keeps the rest for its next step instead of reading (and
-    /// checksumming) the batch again from the disk.
+    /// [`Store::read`] that does not stop inside a batch (the batch that reaches
+    /// `max_messages` or `max_bytes` is answered whole) and also answers the batches' read
+    /// buffers, of which the payloads are slices: the payloads of one batch lie side by side
+    /// in its buffer, so a sender can pass them on as one slice instead of copying each. A
+    /// reader that delivers in steps smaller than the batches keeps the rest for its next
+    /// step instead of reading (and checksumming) the batch again from the disk.
     pub fn read_whole_batches(
         &self,
         channel_id: u64,

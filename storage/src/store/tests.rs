@@ -665,7 +665,9 @@ fn reads_answer_the_buffers_their_payloads_lie_in() {
     let a = create(&store, "a");
     publish(&store, a, "p", 1, &[b"one", b"two", b"three"]);
     publish(&store, a, "p", 4, &[b"four"]);
-    let (messages, buffers) = store.read_with_buffers(a, 1, usize::MAX, u64::MAX).unwrap();
+    let (messages, buffers) = store
+        .read_whole_batches(a, 1, usize::MAX, u64::MAX)
+        .unwrap();
     assert_eq!(messages.len(), 3);
     assert_eq!(buffers.len(), 2, "one buffer per batch read");
     let within = |b: &Bytes, p: &Bytes| {

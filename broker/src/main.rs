@@ -298,36 +298,39 @@ impl Conn {
 #[allow(unsafe_code)]
 fn pin_malloc_thresholds() -> String {
     let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+    // Ok: pinned at that many MiB; Err: why not.
     let pin = |env: &str, tunable: &str, param: libc::c_int, bytes: libc::c_int| {
         if std::env::var_os(env).is_some() || tunables.contains(tunable) {
-            return "as the environment sets it".to_string();
+            return Err("as the environment sets it");
         }
         // SAFETY: mallopt only sets an allocator parameter; it runs before any other thread
         // exists. A refusal (0) leaves glibc's default, which is safe too.
         if unsafe { libc::mallopt(param, bytes) } == 1 {
-            format!("{} MiB", bytes >> 20)
+            Ok(bytes >> 20)
         } else {
-            "glibc's default (mallopt refused)".to_string()
+            Err("glibc's default (mallopt refused)")
         }
     };
-    let mmap = pin(
+    let mmap = match pin(
         "MALLOC_MMAP_THRESHOLD_",
         "mmap_threshold",
         libc::M_MMAP_THRESHOLD,
         4 << 20,
-    );
-    if mmap != "4 MiB" {
+    ) {
+        Ok(mib) => mib,
         // glibc's own trim threshold is twice the mmap threshold: one the operator chose (or
         // one glibc still moves) leaves the trim threshold to glibc as well.
-        return format!("mmap threshold {mmap}, trim threshold left to glibc");
-    }
-    let trim = pin(
+        Err(why) => return format!("mmap threshold {why}, trim threshold left to glibc"),
+    };
+    match pin(
         "MALLOC_TRIM_THRESHOLD_",
         "trim_threshold",
         libc::M_TRIM_THRESHOLD,
         8 << 20,
-    );
-    format!("mmap threshold {mmap}, trim threshold {trim}")
+    ) {
+        Ok(mib) => format!("mmap threshold {mmap} MiB, trim threshold {mib} MiB"),
+        Err(why) => format!("mmap threshold {mmap} MiB, trim threshold {why}"),
+    }
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]

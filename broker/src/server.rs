@@ -1617,7 +1617,7 @@ impl Broker {
                 .map(|single| self.open_publish(identity, single)),
         )
         .await;
-        let mut resolved = Vec::with_capacity(names.len());
+        // A refusal ends the stream (§4.2.1), so a table left part-extended is never used.
         for (name, result) in names.into_iter().zip(opened) {
             let (id, _, channel_epoch) = result?;
             if channel_epoch != epoch {
@@ -1626,16 +1626,13 @@ impl Broker {
                     "a write failed on the broker; reopen the stream and resend unacknowledged batches",
                 ));
             }
-            resolved.push(Resolved {
+            table.names.insert(name.clone());
+            table.by_number.push(Resolved {
                 id,
                 heads: self.head_sender(id),
                 settings: self.config.channel_settings(&name),
                 name,
             });
-        }
-        for r in resolved {
-            table.names.insert(r.name.clone());
-            table.by_number.push(r);
         }
         Ok(())
     }

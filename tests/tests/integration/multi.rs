@@ -168,6 +168,19 @@ impl Numbering {
     }
 }
 
+/// The broker's answer on `r`, which must be an error with `code`.
+async fn refused(r: &mut FrameReader, code: ErrorCode) -> Result<proto::ErrorFrame> {
+    match r.next().await? {
+        Some(Frame::Error(e)) if e.code == code => Ok(e),
+        other => bail!("expected {code}, got {other:?}"),
+    }
+}
+
+/// Messages stored on the channels named `prefix*`.
+async fn stored_under(c: &directmq_client::Client, prefix: &str) -> Result<u64> {
+    Ok(c.list_channels(prefix).await?.iter().map(|i| i.head).sum())
+}
+
 /// Opens a multi-channel publish stream by hand, as `producer_id`.
 async fn open_multi(
     conn: &quinn::Connection,
@@ -228,12 +241,8 @@ async fn a_frame_with_a_bad_part_is_refused_whole_and_appends_nothing() -> Resul
             vec![("multi/a", vec![message(batch_id, 10)]), (bad, messages)],
         );
         w.write(&frame).await?;
-        match r.next().await? {
-            Some(Frame::Error(e)) => {
-                ensure!(e.code == code && e.request_id == batch_id, "{e:?}")
-            }
-            other => bail!("expected {code}, got {other:?}"),
-        }
+        let e = refused(&mut r, code).await?;
+        ensure!(e.request_id == batch_id, "{e:?}");
         ensure!(
             r.next().await?.is_none(),
             "the stream stays open after a refusal"
@@ -241,12 +250,7 @@ async fn a_frame_with_a_bad_part_is_refused_whole_and_appends_nothing() -> Resul
     }
     // Nothing of the good parts was appended.
     let c = client(addr, dir.path()).await?;
-    let stored: u64 = c
-        .list_channels("multi/")
-        .await?
-        .iter()
-        .map(|i| i.head)
-        .sum();
+    let stored = stored_under(&c, "multi/").await?;
     ensure!(
         stored == 0,
         "{stored} messages of refused frames were stored"
@@ -265,21 +269,12 @@ async fn a_frame_with_a_bad_part_is_refused_whole_and_appends_nothing() -> Resul
         multi.declare.pop();
     }
     w.write(&frame).await?;
-    match r.next().await? {
-        Some(Frame::Error(e)) => ensure!(
-            e.code == ErrorCode::MALFORMED_FRAME
-                && e.request_id == 7
-                && e.message.contains("channel number 1"),
-            "{e:?}"
-        ),
-        other => bail!("expected MALFORMED_FRAME, got {other:?}"),
-    }
-    let stored: u64 = c
-        .list_channels("multi/")
-        .await?
-        .iter()
-        .map(|i| i.head)
-        .sum();
+    let e = refused(&mut r, ErrorCode::MALFORMED_FRAME).await?;
+    ensure!(
+        e.request_id == 7 && e.message.contains("channel number 1"),
+        "{e:?}"
+    );
+    let stored = stored_under(&c, "multi/").await?;
     ensure!(
         stored == 0,
         "{stored} messages of a refused frame were stored"
@@ -302,13 +297,8 @@ async fn a_frame_with_a_bad_part_is_refused_whole_and_appends_nothing() -> Resul
         ],
     ))
     .await?;
-    match r.next().await? {
-        Some(Frame::Error(e)) => ensure!(
-            e.code == ErrorCode::CHANNEL_NOT_FOUND && e.request_id == 2,
-            "{e:?}"
-        ),
-        other => bail!("expected CHANNEL_NOT_FOUND, got {other:?}"),
-    }
+    let e = refused(&mut r, ErrorCode::CHANNEL_NOT_FOUND).await?;
+    ensure!(e.request_id == 2, "{e:?}");
     // A multi-channel stream takes only PublishMulti frames.
     let (mut w, mut r) = open_multi(&conn, "raw").await?;
     w.write(&Frame::PublishBatch(proto::PublishBatch {
@@ -316,10 +306,7 @@ async fn a_frame_with_a_bad_part_is_refused_whole_and_appends_nothing() -> Resul
         messages: vec![message(1, 10)],
     }))
     .await?;
-    match r.next().await? {
-        Some(Frame::Error(e)) => ensure!(e.code == ErrorCode::UNEXPECTED_FRAME, "{e:?}"),
-        other => bail!("expected UNEXPECTED_FRAME, got {other:?}"),
-    }
+    refused(&mut r, ErrorCode::UNEXPECTED_FRAME).await?;
     // An invalid producer id is refused when the stream opens.
     let (send, recv) = conn.open_bi().await?;
     let mut w = FrameWriter::new(send);
@@ -329,10 +316,7 @@ async fn a_frame_with_a_bad_part_is_refused_whole_and_appends_nothing() -> Resul
         create: true,
     }))
     .await?;
-    match r.next().await? {
-        Some(Frame::Error(e)) => ensure!(e.code == ErrorCode::INVALID_NAME, "{e:?}"),
-        other => bail!("expected INVALID_NAME, got {other:?}"),
-    }
+    refused(&mut r, ErrorCode::INVALID_NAME).await?;
     // A stream declares a name once: again in the same frame, or in a later frame, refuses
     // the frame whole (its table grows with the channels it uses, not with repetitions).
     let (mut w, mut r) = open_multi(&conn, "raw4").await?;
@@ -345,13 +329,8 @@ async fn a_frame_with_a_bad_part_is_refused_whole_and_appends_nothing() -> Resul
         }],
     }))
     .await?;
-    match r.next().await? {
-        Some(Frame::Error(e)) => ensure!(
-            e.code == ErrorCode::MALFORMED_FRAME && e.message.contains("declared twice"),
-            "{e:?}"
-        ),
-        other => bail!("expected MALFORMED_FRAME, got {other:?}"),
-    }
+    let e = refused(&mut r, ErrorCode::MALFORMED_FRAME).await?;
+    ensure!(e.message.contains("declared twice"), "{e:?}");
     let (mut w, mut r) = open_multi(&conn, "raw5").await?;
     let mut numbering = Numbering::default();
     w.write(&numbering.frame(1, vec![("twice/d", vec![message(1, 10)])]))
@@ -369,13 +348,8 @@ async fn a_frame_with_a_bad_part_is_refused_whole_and_appends_nothing() -> Resul
         }],
     }))
     .await?;
-    match r.next().await? {
-        Some(Frame::Error(e)) => ensure!(
-            e.code == ErrorCode::MALFORMED_FRAME && e.request_id == 2,
-            "{e:?}"
-        ),
-        other => bail!("expected MALFORMED_FRAME, got {other:?}"),
-    }
+    let e = refused(&mut r, ErrorCode::MALFORMED_FRAME).await?;
+    ensure!(e.request_id == 2, "{e:?}");
     let twice: Vec<(String, u64)> = c
         .list_channels("twice/")
         .await?
@@ -420,13 +394,8 @@ async fn the_disk_budget_counts_a_whole_frame_not_each_part() -> Result<()> {
     };
     w.write(&Numbering::default().frame(1, vec![("budget/a", message()), ("budget/b", message())]))
         .await?;
-    match r.next().await? {
-        Some(Frame::Error(e)) => ensure!(
-            e.code == ErrorCode::STORAGE_FULL && e.request_id == 1,
-            "{e:?}"
-        ),
-        other => bail!("expected STORAGE_FULL, got {other:?}"),
-    }
+    let e = refused(&mut r, ErrorCode::STORAGE_FULL).await?;
+    ensure!(e.request_id == 1, "{e:?}");
     // Nothing of the frame was stored: the first message on budget/a gets offset 0.
     let c = client(running.quic_addr, dir.path()).await?;
     let receipt = c.producer("budget/a", "check").await?.send("x").await?;

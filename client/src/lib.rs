@@ -326,6 +326,10 @@ impl Client {
             }
         };
         reader.set_max_frame_bytes(hello.max_frame_bytes);
+        tokio::spawn(give_up_when_silent(
+            connection.clone(),
+            config.net.idle_timeout,
+        ));
         Ok(Conn {
             connection,
             control: Arc::new(Mutex::new((writer, reader))),
@@ -758,6 +762,54 @@ async fn answer(
                     "the broker closed the control stream".into(),
                 ))
             }
+        }
+    }
+}
+
+/// A connection that sent at least [`SILENT_SENDS`] datagrams over this long and received
+/// none is given up, so the client reconnects instead of waiting out the idle timeout.
+const SILENCE_LIMIT: Duration = Duration::from_secs(3);
+
+/// Datagrams sent into a silence that make it a dead peer rather than an idle connection.
+const SILENT_SENDS: u64 = 2;
+
+/// Closes `connection` when the broker stops answering: [`SILENCE_LIMIT`] (or half the idle
+/// timeout, if less) in which this side sent and nothing came back.
+///
+/// A broker that is killed and restarted on the same address answers its predecessor's
+/// connections with a stateless reset, but only once a packet reaches it, and after a few
+/// lost probes QUIC sends the next one only after an exponential backoff, uncapped in
+/// quinn: a broker down for a few seconds was noticed only 10 s or more after it came back
+/// (up to the 30 s idle timeout). A live peer acknowledges within its ACK delay (25 ms),
+/// and an idle connection sends nothing between keep-alives, so neither trips this.
+async fn give_up_when_silent(connection: quinn::Connection, idle_timeout: Duration) {
+    let limit = SILENCE_LIMIT.min(idle_timeout / 2);
+    let mut ticks = tokio::time::interval(limit / 4);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stats = connection.stats();
+    let (mut received, mut sent_then) = (stats.udp_rx.datagrams, stats.udp_tx.datagrams);
+    let mut heard_at = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = connection.closed() => return,
+            _ = ticks.tick() => {}
+        }
+        let stats = connection.stats();
+        if stats.udp_rx.datagrams != received {
+            received = stats.udp_rx.datagrams;
+            sent_then = stats.udp_tx.datagrams;
+            heard_at = tokio::time::Instant::now();
+            continue;
+        }
+        let silent_sends = stats.udp_tx.datagrams - sent_then;
+        if heard_at.elapsed() >= limit && silent_sends >= SILENT_SENDS {
+            tracing::info!(
+                silent_for = ?heard_at.elapsed(),
+                silent_sends,
+                "the broker stopped answering; reconnecting"
+            );
+            connection.close(0u32.into(), b"the broker stopped answering");
+            return;
         }
     }
 }

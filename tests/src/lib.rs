@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use bytes::Bytes;
 use directmq_broker::config::Config;
 use directmq_client::{Client, ClientConfig};
@@ -210,6 +210,16 @@ impl ChildBroker {
     }
 
     /// SIGTERM (graceful shutdown), then wait; returns whether it exited successfully.
+    /// Sends `signal` (a name, such as "STOP" or "CONT") to the broker.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()?;
+        ensure!(status.success(), "kill -{signal} failed");
+        Ok(())
+    }
+
     pub fn terminate(&mut self) -> Result<bool> {
         let Some(mut child) = self.child.take() else {
             return Ok(false);

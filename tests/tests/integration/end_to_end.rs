@@ -447,3 +447,44 @@ async fn acked_messages_survive_twenty_sigkills_exactly_once_and_in_order() -> R
     admin.close().await;
     Ok(())
 }
+
+/// A broker that stops answering (here: frozen with SIGSTOP; in production, killed and
+/// restarted, or cut off) is given up after a few seconds of silence, not after the idle
+/// timeout, and the client carries on once the broker answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_broker_is_given_up_long_before_the_idle_timeout() -> Result<()> {
+    directmq_tests::init_logging();
+    let dir = tempfile::tempdir()?;
+    let broker = ChildBroker::start(&crate::directmq_bin(), dir.path(), None)?;
+    let mut config = directmq_tests::client_config(broker.quic, dir.path())?;
+    // The broker's idle timeout is 30 s; this client's is longer still, so only the
+    // client's silence check can end the connection within the bound below.
+    config.net.idle_timeout = Duration::from_secs(120);
+    config.connect_timeout = Duration::from_secs(1);
+    config.reconnect_for = Some(Duration::from_secs(1));
+    let c = Client::connect(config).await?;
+    let producer = c.producer("frozen/a", "p").await?;
+    producer.send("before").await?;
+
+    broker.signal("STOP")?;
+    let asked = tokio::time::Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(20), c.list_channels("frozen/")).await;
+    broker.signal("CONT")?;
+    let err = match answer {
+        Ok(Err(e)) => e,
+        Ok(Ok(list)) => anyhow::bail!("a frozen broker answered {list:?}"),
+        Err(_) => anyhow::bail!("the client waited 20 s on a silent broker"),
+    };
+    ensure!(err.is_transient(), "{err}");
+    tracing::info!("gave up after {:?}: {err}", asked.elapsed());
+
+    // Once it answers again, the client reconnects and nothing was lost.
+    producer.send("after").await?;
+    let list = c.list_channels("frozen/").await?;
+    ensure!(
+        list.len() == 1 && list[0].head == 2,
+        "expected both messages stored once: {list:?}"
+    );
+    c.close().await;
+    Ok(())
+}

@@ -22,11 +22,20 @@ pub struct NetOptions {
     pub send_window_bytes: u64,
     /// Streams the peer may open at once (one per channel published or consumed).
     pub max_streams: u32,
-    /// A connection with no traffic for this long is closed (keep-alives run at a third).
+    /// A connection with no traffic for this long is closed. Keep-alives run at a third of
+    /// it, and at least every [`KEEP_ALIVE_MAX`].
     pub idle_timeout: Duration,
     /// Server side: connections accepted into their handshake at once.
     pub max_handshakes: u32,
 }
+
+/// Longest time a connection goes without sending something the peer must acknowledge.
+///
+/// A connection whose peer was killed and restarted hears so (a stateless reset) only when
+/// it next sends; one waiting on answers with nothing of its own in flight sent nothing
+/// until its keep-alive, 10 s at a third of the default idle timeout. A ping a second is
+/// a packet each way per idle connection.
+pub const KEEP_ALIVE_MAX: Duration = Duration::from_secs(1);
 
 impl Default for NetOptions {
     fn default() -> Self {
@@ -50,7 +59,7 @@ impl NetOptions {
             .send_window(self.send_window_bytes)
             .max_concurrent_bidi_streams(self.max_streams.into())
             .max_concurrent_uni_streams(0u32.into())
-            .keep_alive_interval(Some(self.idle_timeout / 3))
+            .keep_alive_interval(Some((self.idle_timeout / 3).min(KEEP_ALIVE_MAX)))
             .max_idle_timeout(self.idle_timeout.try_into().ok());
         let mut ack = quinn::AckFrequencyConfig::default();
         ack.max_ack_delay(Some(Duration::from_millis(1)));

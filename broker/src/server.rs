@@ -1,7 +1,7 @@
 //! The network shell: accepts QUIC connections, moves frames, asks the engine, queues what
 //! it decides and sends acks once storage reports the fsync done (docs/protocol.md §3–§4).
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};

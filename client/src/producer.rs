@@ -1,6 +1,8 @@
 //! The producer: pipelined, batched publishing with sequence numbers that make retries safe.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::{HashMap, HashMapExt};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;

@@ -5,7 +5,9 @@
 //! own. Nothing here is the only copy of anything: every entry can be rebuilt from the
 //! segment files, and is, when an index file or the checkpoint is missing or damaged.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
+
+use foldhash::{HashMap, HashMapExt, HashSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

@@ -7,7 +7,9 @@
 //! consecutive offsets; acks and deliveries use the durable ones. If a write fails, pending
 //! collapses back to durable ([`LogState::reset_pending`]).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+
+use foldhash::{HashMap, HashMapExt};
 
 use serde::{Deserialize, Serialize};
 

@@ -842,3 +842,87 @@ fn closing_finishes_index_files_before_the_last_checkpoint() {
         (active, 0)
     );
 }
+
+/// A channel of 64 KiB batches (four messages of uneven sizes each, so batches start at
+/// unaligned positions) over several closed 1 MiB segments, and every message written.
+fn cold_log(dir: &Path) -> (Store, u64, Vec<(u64, Vec<u8>)>) {
+    let store = Store::open(
+        dir,
+        StoreOptions {
+            segment_bytes: 1024 * 1024,
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    let channel = create(&store, "cold");
+    let mut written = Vec::new();
+    for b in 0..60u64 {
+        let payloads: Vec<Vec<u8>> = (0..4u64)
+            .map(|i| vec![(b * 4 + i) as u8; 16 * 1024 + 13 * i as usize])
+            .collect();
+        let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+        let base = publish(&store, channel, "p", b * 4, &refs);
+        written.extend((base..).zip(payloads));
+    }
+    (store, channel, written)
+}
+
+/// Reads the whole channel in steps of at most 1 MiB, as a consumer's deliveries do.
+fn read_in_steps(store: &Store, channel: u64) -> Vec<(u64, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut next = 0;
+    loop {
+        let (messages, _) = store
+            .read_whole_batches(channel, next, 1024, 1024 * 1024)
+            .unwrap();
+        let Some(last) = messages.last() else {
+            return out;
+        };
+        next = last.offset + 1;
+        out.extend(messages.into_iter().map(|m| (m.offset, m.payload.to_vec())));
+    }
+}
+
+#[test]
+fn reads_of_closed_segments_go_past_the_page_cache_and_answer_what_was_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, channel, written) = cold_log(dir.path());
+    assert!(store.shared.active_segment.load(Ordering::Acquire) >= 3);
+    assert_eq!(read_in_steps(&store, channel), written);
+    if store.reads_past_cache() {
+        assert!(
+            store.direct_reads() > 0,
+            "closed segments were read through the cache"
+        );
+    } else {
+        eprintln!("the file system refused direct I/O; the buffered reads were checked");
+    }
+    // Turned off, the same reads go through the cache.
+    drop(store);
+    let store = Store::open(
+        dir.path(),
+        StoreOptions {
+            segment_bytes: 1024 * 1024,
+            direct_reads: false,
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(read_in_steps(&store, channel), written);
+    assert_eq!(store.direct_reads(), 0);
+}
+
+#[test]
+fn reads_that_the_file_system_refuses_past_the_page_cache_go_through_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, channel, written) = cold_log(dir.path());
+    // As a file system without direct I/O answers (tmpfs before Linux 6.6, some FUSE).
+    store
+        .shared
+        .refuse_direct_in_test
+        .store(true, Ordering::Relaxed);
+    assert!(store.reads_past_cache(), "on until a read is refused");
+    assert_eq!(read_in_steps(&store, channel), written);
+    assert!(!store.reads_past_cache(), "still on after a refusal");
+    assert_eq!(store.direct_reads(), 0);
+}

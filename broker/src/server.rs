@@ -25,6 +25,14 @@ const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most messages and payload bytes in one Deliver frame.
 const DELIVER_MESSAGES: usize = 1024;
 const DELIVER_BYTES: u64 = 1024 * 1024;
+
+/// How long a consumer session out of credit keeps what it read for its next frame.
+const HOLD_READ_FOR: Duration = Duration::from_millis(100);
+
+/// A consumer's read started ahead of its delivery.
+type ReadAhead =
+    tokio::task::JoinHandle<Result<(Vec<ReadMessage>, Vec<bytes::Bytes>), StorageError>>;
+
 /// Largest Hello from a peer not yet authenticated (a token is well under 4 KiB).
 const HELLO_LIMIT: u64 = 64 * 1024;
 /// Publish batches accepted on one stream before their acks are written.
@@ -2071,10 +2079,17 @@ impl Broker {
         // Messages read past what the last frame could take (the rest of its last batch:
         // reads answer whole batches) and the buffer they lie in. The next frame starts with
         // them instead of reading that batch again, which a catch-up in frames smaller than
-        // its batches did for ~15-40% more bytes than it delivered. Dropped whenever the
-        // session waits, so an idle session holds no batch.
+        // its batches did for ~15-40% more bytes than it delivered. Dropped when the session
+        // waits for new messages, or for credit longer than HOLD_READ_FOR, so an idle
+        // session holds no batch.
         let mut carry: std::collections::VecDeque<ReadMessage> = Default::default();
         let mut carry_buffers: Vec<bytes::Bytes> = Vec::new();
+        // The read of the frame after these, started while they are sent, and where it
+        // starts: a catch-up's disk reads overlap its sends instead of alternating with them
+        // (reads past the page cache have no kernel read-ahead). Dropped with the carry.
+        let mut ahead: Option<(u64, ReadAhead)> = None;
+        // Since when the session has waited for credit with a read in hand.
+        let mut hold_since: Option<tokio::time::Instant> = None;
         let mut shutdown = self.shutdown.subscribe();
         loop {
             let head_now = *heads.borrow_and_update();
@@ -2098,16 +2113,30 @@ impl Broker {
                             .is_some_and(|c| !c.deleting && c.first_offset <= next)
                     })
                 };
-                if carry.front().is_none_or(|m| m.offset != next) || !still_stored() {
+                let carried = carry.front().is_some_and(|m| m.offset == next);
+                if !carried {
                     carry.clear();
                     carry_buffers.clear();
                 }
+                if ahead.as_ref().is_some_and(|(from, _)| *from != next) {
+                    ahead = None;
+                }
+                if (carried || ahead.is_some()) && !still_stored() {
+                    carry.clear();
+                    carry_buffers.clear();
+                    ahead = None;
+                }
                 if carry.is_empty() {
-                    let store = self.store.clone();
-                    let read = tokio::task::spawn_blocking(move || {
-                        store.read_whole_batches(channel_id, next, max_messages, max_bytes)
-                    })
-                    .await;
+                    let read = match ahead.take() {
+                        Some((_, read)) => read.await,
+                        None => {
+                            let store = self.store.clone();
+                            tokio::task::spawn_blocking(move || {
+                                store.read_whole_batches(channel_id, next, max_messages, max_bytes)
+                            })
+                            .await
+                        }
+                    };
                     let (read, buffers) = match read {
                         Ok(Ok(read)) => read,
                         Ok(Err(e)) => {
@@ -2125,6 +2154,30 @@ impl Broker {
                     // Only what is durable is delivered, or carried.
                     carry.extend(read.into_iter().filter(|m| m.offset < head_now));
                     carry_buffers = buffers;
+                    // More is durable than this read, and the credit reaches past it: read
+                    // that while this is sent.
+                    let read_bytes: u64 = carry.iter().map(|m| m.payload.len() as u64).sum();
+                    if let Some(last) = carry.back() {
+                        let from = last.offset + 1;
+                        let messages_left = credit_messages.saturating_sub(carry.len() as u64);
+                        let bytes_left = credit_bytes.saturating_sub(read_bytes);
+                        if from < head_now && messages_left > 0 && bytes_left > 0 {
+                            let store = self.store.clone();
+                            let max_messages = (messages_left as usize).min(DELIVER_MESSAGES);
+                            let max_bytes = bytes_left.min(DELIVER_BYTES);
+                            ahead = Some((
+                                from,
+                                tokio::task::spawn_blocking(move || {
+                                    store.read_whole_batches(
+                                        channel_id,
+                                        from,
+                                        max_messages,
+                                        max_bytes,
+                                    )
+                                }),
+                            ));
+                        }
+                    }
                 }
                 let mut messages = Vec::with_capacity(carry.len().min(max_messages));
                 let mut taken_bytes = 0u64;
@@ -2221,11 +2274,24 @@ impl Broker {
                 }
             }
             // Handle what arrived; wait only when there is nothing more to deliver.
-            let more = credit_messages > 0 && credit_bytes > 0 && next < *heads.borrow();
-            if !more {
+            let behind = next < *heads.borrow();
+            let more = credit_messages > 0 && credit_bytes > 0 && behind;
+            // Out of credit in a catch-up, the read in hand is kept a moment: the consumer
+            // is usually about to grant more, and dropping it meant reading the same bytes
+            // from the disk again. A wait that goes on drops it, so a stalled consumer pins
+            // no buffer.
+            let holding = !more && behind && (!carry.is_empty() || ahead.is_some());
+            if holding {
+                hold_since.get_or_insert_with(tokio::time::Instant::now);
+            } else {
+                hold_since = None;
+            }
+            if !more && !holding {
                 carry.clear();
                 carry_buffers.clear();
+                ahead = None;
             }
+            let hold_until = hold_since.map(|since| since + HOLD_READ_FOR);
             tokio::select! {
                 biased;
                 frame = frames.recv() => match frame {
@@ -2275,6 +2341,12 @@ impl Broker {
                     }
                 }
                 () = std::future::ready(()), if more => {}
+                () = tokio::time::sleep_until(hold_until.unwrap_or_else(tokio::time::Instant::now)), if hold_until.is_some() => {
+                    carry.clear();
+                    carry_buffers.clear();
+                    ahead = None;
+                    hold_since = None;
+                }
                 changed = heads.changed(), if !more => {
                     let gone = self.store.with_state(|s| s.channel(channel_id).is_none());
                     if changed.is_err() || gone {

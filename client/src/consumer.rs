@@ -12,7 +12,7 @@ use crate::stream::{self, Incoming};
 use crate::{Client, Error, FrameWriter};
 
 /// Messages the broker may send ahead of what the application has taken.
-const CREDIT_MESSAGES: u32 = 4096;
+const CREDIT_MESSAGES: u32 = 16384;
 /// Payload bytes the broker may send ahead.
 const CREDIT_BYTES: u64 = 16 * 1024 * 1024;
 

@@ -2118,7 +2118,9 @@ impl Broker {
                     carry.clear();
                     carry_buffers.clear();
                 }
-                if ahead.as_ref().is_some_and(|(from, _)| *from != next) {
+                // A read ahead starts where what was read (and is carried) ends.
+                let ahead_at = carry.back().map_or(next, |m| m.offset + 1);
+                if ahead.as_ref().is_some_and(|(from, _)| *from != ahead_at) {
                     ahead = None;
                 }
                 if (carried || ahead.is_some()) && !still_stored() {
@@ -2231,6 +2233,7 @@ impl Broker {
                     if writer.write_backed(&frame, &buffers).await.is_err() {
                         break;
                     }
+                    hold_since = None;
                 } else {
                     // The head moved but the index has nothing yet at `next`: retention
                     // moved the start, or the channel is gone.

@@ -203,6 +203,9 @@ struct Conn {
     connection: quinn::Connection,
     control: Arc<Mutex<(FrameWriter, FrameReader)>>,
     hello: proto::HelloOk,
+    /// Ends the connection's silence watch when dropped: the watch holds a handle to the
+    /// connection, which would otherwise keep a dropped client's connection open.
+    _silence_watch: tokio::sync::oneshot::Sender<()>,
 }
 
 struct Inner {
@@ -326,14 +329,17 @@ impl Client {
             }
         };
         reader.set_max_frame_bytes(hello.max_frame_bytes);
+        let (silence_watch, dropped) = tokio::sync::oneshot::channel();
         tokio::spawn(give_up_when_silent(
             connection.clone(),
             config.net.idle_timeout,
+            dropped,
         ));
         Ok(Conn {
             connection,
             control: Arc::new(Mutex::new((writer, reader))),
             hello,
+            _silence_watch: silence_watch,
         })
     }
 
@@ -782,8 +788,14 @@ const SILENT_SENDS: u64 = 2;
 /// quinn: a broker down for a few seconds was noticed only 10 s or more after it came back
 /// (up to the 30 s idle timeout). A live peer acknowledges within its ACK delay (25 ms),
 /// and an idle connection sends nothing between keep-alives, so neither trips this.
-async fn give_up_when_silent(connection: quinn::Connection, idle_timeout: Duration) {
-    let limit = SILENCE_LIMIT.min(idle_timeout / 2);
+async fn give_up_when_silent(
+    connection: quinn::Connection,
+    idle_timeout: Duration,
+    mut dropped: tokio::sync::oneshot::Receiver<()>,
+) {
+    let limit = SILENCE_LIMIT
+        .min(idle_timeout / 2)
+        .max(Duration::from_millis(100));
     let mut ticks = tokio::time::interval(limit / 4);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let stats = connection.stats();
@@ -792,6 +804,7 @@ async fn give_up_when_silent(connection: quinn::Connection, idle_timeout: Durati
     loop {
         tokio::select! {
             _ = connection.closed() => return,
+            _ = &mut dropped => return,
             _ = ticks.tick() => {}
         }
         let stats = connection.stats();

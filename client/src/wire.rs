@@ -240,24 +240,25 @@ impl Assembler {
         let room = self.buf.capacity() - buffered;
         if chunk.len() > to_end && chunk.len() > room {
             let rest = chunk.split_off(to_end);
-            self.reserve_towards(to_end);
+            self.reserve_towards(to_end, chunk.len());
             self.buf.extend_from_slice(&chunk);
             return Some(rest);
         }
         if chunk.len() > room {
-            self.reserve_towards(to_end);
+            self.reserve_towards(to_end, chunk.len());
         }
         self.buf.extend_from_slice(&chunk);
         None
     }
 
     /// Grows the buffer towards `missing` more bytes of the frame, never far ahead of what
-    /// came: by at least [`RESERVE_STEP`] and at most what is buffered already, so a
-    /// header that declares a large frame costs little until its bytes arrive, and a large
-    /// frame is copied into a few doubling buffers instead of one per step.
-    fn reserve_towards(&mut self, missing: usize) {
+    /// came: by at least [`RESERVE_STEP`] (or the `arriving` chunk) and at most what is
+    /// buffered already, so a header that declares a large frame costs little until its
+    /// bytes arrive, and a large frame is copied into a few doubling buffers instead of one
+    /// per step.
+    fn reserve_towards(&mut self, missing: usize, arriving: usize) {
         self.buf
-            .reserve(missing.min(RESERVE_STEP.max(self.buf.len())));
+            .reserve(missing.min(RESERVE_STEP.max(self.buf.len()).max(arriving)));
     }
 }
 

@@ -147,10 +147,12 @@ pub fn read_at_direct(file: &File, position: u64, len: usize) -> std::io::Result
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(e.into()),
         };
-        if n == 0 {
+        done += n;
+        // Only the end of the file answers short; going on from there would read at an
+        // unaligned offset, which direct I/O refuses.
+        if done < want && (n == 0 || n % align != 0) {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
-        done += n;
     }
     let from = pad + (position - start) as usize;
     Ok(Bytes::from(buf).slice(from..from + len))

@@ -411,7 +411,10 @@ impl Store {
             return Ok((out, buffers));
         };
         let mut expected = first.base_offset.max(from);
+        // The first batch and those after it, so that a run read past the page cache can
+        // start with the first.
         let mut entries = vec![first];
+        entries.extend(self.shared.index.scan(channel_id, first.end_offset(), 15)?);
         let mut run: Option<Run> = None;
         'outer: loop {
             for (i, entry) in entries.iter().enumerate() {

@@ -209,7 +209,6 @@ impl ChildBroker {
         }
     }
 
-    /// SIGTERM (graceful shutdown), then wait; returns whether it exited successfully.
     /// Sends `signal` (a name, such as "STOP" or "CONT") to the broker.
     pub fn signal(&self, signal: &str) -> Result<()> {
         let status = Command::new("kill")
@@ -220,6 +219,7 @@ impl ChildBroker {
         Ok(())
     }
 
+    /// SIGTERM (graceful shutdown), then wait; returns whether it exited successfully.
     pub fn terminate(&mut self) -> Result<bool> {
         let Some(mut child) = self.child.take() else {
             return Ok(false);

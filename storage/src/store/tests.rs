@@ -846,17 +846,22 @@ fn closing_finishes_index_files_before_the_last_checkpoint() {
 /// A channel of 64 KiB batches (four messages of uneven sizes each, so batches start at
 /// unaligned positions) over several closed 1 MiB segments, and every message written.
 fn cold_log(dir: &Path) -> (Store, u64, Vec<(u64, Vec<u8>)>) {
-    let store = Store::open(
-        dir,
-        StoreOptions {
-            segment_bytes: 1024 * 1024,
-            ..StoreOptions::default()
-        },
-    )
-    .unwrap();
+    let options = StoreOptions {
+        segment_bytes: 1024 * 1024,
+        ..StoreOptions::default()
+    };
+    cold_log_with(dir, options, 60)
+}
+
+fn cold_log_with(
+    dir: &Path,
+    options: StoreOptions,
+    batches: u64,
+) -> (Store, u64, Vec<(u64, Vec<u8>)>) {
+    let store = Store::open(dir, options).unwrap();
     let channel = create(&store, "cold");
     let mut written = Vec::new();
-    for b in 0..60u64 {
+    for b in 0..batches {
         let payloads: Vec<Vec<u8>> = (0..4u64)
             .map(|i| vec![(b * 4 + i) as u8; 16 * 1024 + 13 * i as usize])
             .collect();
@@ -923,6 +928,31 @@ fn reads_that_the_file_system_refuses_past_the_page_cache_go_through_it() {
         .store(true, Ordering::Relaxed);
     assert!(store.reads_past_cache(), "on until a read is refused");
     assert_eq!(read_in_steps(&store, channel), written);
-    assert!(!store.reads_past_cache(), "still on after a refusal");
+    assert!(
+        !store.reads_past_cache(),
+        "direct reads stayed on after a refusal"
+    );
     assert_eq!(store.direct_reads(), 0);
+}
+
+#[test]
+fn the_active_segment_below_its_dropped_cache_is_read_past_the_page_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    // One segment; pages are dropped in 8 MiB steps once fsync'd, with no window kept.
+    let options = StoreOptions {
+        page_cache_window_bytes: 0,
+        ..StoreOptions::default()
+    };
+    let (store, channel, written) = cold_log_with(dir.path(), options, 160);
+    assert_eq!(store.shared.active_segment.load(Ordering::Acquire), 0);
+    assert!(store.shared.cache_dropped_to.load(Ordering::Acquire) >= CACHE_DROP_STEP);
+    assert_eq!(read_in_steps(&store, channel), written);
+    if store.reads_past_cache() {
+        assert!(
+            store.direct_reads() > 0,
+            "dropped pages were read through the cache"
+        );
+    } else {
+        eprintln!("the file system refused direct I/O; the buffered reads were checked");
+    }
 }

@@ -56,6 +56,9 @@ pub struct Config {
     pub fsync_interval_ms: u64,
     /// A segment file is closed at this size.
     pub segment_bytes: u64,
+    /// Log data no longer in the page cache is read past it (`O_DIRECT`) where the file
+    /// system allows; `false` reads everything through the cache (docs/storage.md §5).
+    pub direct_reads: bool,
     /// Connections served at once; more are refused.
     pub max_connections: usize,
     /// How often retention looks for segments to delete and checks the bounds below.
@@ -145,6 +148,7 @@ impl Default for Config {
             durability: DurabilityMode::Fsync,
             fsync_interval_ms: 100,
             segment_bytes: 256 * 1024 * 1024,
+            direct_reads: true,
             max_connections: 10_000,
             retention_interval_ms: 10_000,
             max_age_ms: 0,
@@ -434,6 +438,7 @@ impl Config {
         directmq_storage::StoreOptions {
             segment_bytes: self.segment_bytes,
             durability: self.storage_durability(self.durability),
+            direct_reads: self.direct_reads,
             ..directmq_storage::StoreOptions::default()
         }
     }
@@ -504,6 +509,18 @@ mod tests {
         assert_eq!(c.http.port(), 3);
         assert_eq!(c.max_message_bytes, 5);
         assert_eq!(c.data, PathBuf::from("./directmq-data"));
+    }
+
+    #[test]
+    fn direct_reads_are_on_unless_turned_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "segment_bytes = 2097152\n").unwrap();
+        let c = Config::load(Some(&file), |_| None, &Overrides::default()).unwrap();
+        assert!(c.store_options().direct_reads);
+        std::fs::write(&file, "direct_reads = false\n").unwrap();
+        let c = Config::load(Some(&file), |_| None, &Overrides::default()).unwrap();
+        assert!(!c.store_options().direct_reads);
     }
 
     #[test]

@@ -598,34 +598,34 @@ impl Store {
 
     /// Segment `id` opened for direct reads, or `None` where the file system refuses them.
     fn direct_file(&self, id: u64) -> Result<Option<Arc<File>>, StorageError> {
-        let mut files = self.shared.direct_files.lock().expect("direct files lock");
-        if let Some(f) = files.get(&id) {
-            return Ok(Some(f.clone()));
-        }
-        let path = segment::segment_path(&self.shared.log_dir, id);
-        match segment::open_direct(&path) {
-            Ok(file) => {
-                let file = Arc::new(file);
-                files.insert(id, file.clone());
-                Ok(Some(file))
-            }
-            Err(e) if segment::refuses_direct(&e) => {
-                drop(files);
+        match self.cached_file(&self.shared.direct_files, id, segment::open_direct) {
+            Ok(file) => Ok(Some(file)),
+            Err((path, e)) if segment::refuses_direct(&e) => {
                 self.refuse_direct(&path, &e);
                 Ok(None)
             }
-            Err(e) => Err(StorageError::io("open", &path, e)),
+            Err((path, e)) => Err(StorageError::io("open", &path, e)),
         }
     }
 
     fn file(&self, id: u64) -> Result<Arc<File>, StorageError> {
-        let mut files = self.shared.files.lock().expect("files lock");
+        self.cached_file(&self.shared.files, id, |path| File::open(path))
+            .map_err(|(path, e)| StorageError::io("open", &path, e))
+    }
+
+    /// Segment `id` from `cache`, opened with `open` the first time it is asked for.
+    fn cached_file(
+        &self,
+        cache: &Mutex<HashMap<u64, Arc<File>>>,
+        id: u64,
+        open: impl FnOnce(&Path) -> std::io::Result<File>,
+    ) -> Result<Arc<File>, (PathBuf, std::io::Error)> {
+        let mut files = cache.lock().expect("files lock");
         if let Some(f) = files.get(&id) {
             return Ok(f.clone());
         }
         let path = segment::segment_path(&self.shared.log_dir, id);
-        let file = File::open(&path).map_err(|e| StorageError::io("open", &path, e))?;
-        let file = Arc::new(file);
+        let file = Arc::new(open(&path).map_err(|e| (path, e))?);
         files.insert(id, file.clone());
         Ok(file)
     }

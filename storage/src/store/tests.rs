@@ -888,20 +888,26 @@ fn read_in_steps(store: &Store, channel: u64) -> Vec<(u64, Vec<u8>)> {
     }
 }
 
+/// Some read went past the page cache, unless the file system refused direct I/O (then
+/// the reads just checked went through the cache).
+fn assert_read_past_the_cache(store: &Store, what: &str) {
+    if store.reads_past_cache() {
+        assert!(
+            store.direct_reads() > 0,
+            "{what} were read through the cache"
+        );
+    } else {
+        eprintln!("the file system refused direct I/O; the buffered reads were checked");
+    }
+}
+
 #[test]
 fn reads_of_closed_segments_go_past_the_page_cache_and_answer_what_was_written() {
     let dir = tempfile::tempdir().unwrap();
     let (store, channel, written) = cold_log(dir.path());
     assert!(store.shared.active_segment.load(Ordering::Acquire) >= 3);
     assert_eq!(read_in_steps(&store, channel), written);
-    if store.reads_past_cache() {
-        assert!(
-            store.direct_reads() > 0,
-            "closed segments were read through the cache"
-        );
-    } else {
-        eprintln!("the file system refused direct I/O; the buffered reads were checked");
-    }
+    assert_read_past_the_cache(&store, "closed segments");
     // Turned off, the same reads go through the cache.
     drop(store);
     let store = Store::open(
@@ -947,12 +953,5 @@ fn the_active_segment_below_its_dropped_cache_is_read_past_the_page_cache() {
     assert_eq!(store.shared.active_segment.load(Ordering::Acquire), 0);
     assert!(store.shared.cache_dropped_to.load(Ordering::Acquire) >= CACHE_DROP_STEP);
     assert_eq!(read_in_steps(&store, channel), written);
-    if store.reads_past_cache() {
-        assert!(
-            store.direct_reads() > 0,
-            "dropped pages were read through the cache"
-        );
-    } else {
-        eprintln!("the file system refused direct I/O; the buffered reads were checked");
-    }
+    assert_read_past_the_cache(&store, "dropped pages");
 }

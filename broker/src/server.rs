@@ -33,6 +33,65 @@ const HOLD_READ_FOR: Duration = Duration::from_millis(100);
 type ReadAhead =
     tokio::task::JoinHandle<Result<(Vec<ReadMessage>, Vec<bytes::Bytes>), StorageError>>;
 
+/// What a consumer session has read and not yet delivered.
+#[derive(Default)]
+struct InHand {
+    /// Messages read past what the last frame could take (the rest of its last batch:
+    /// reads answer whole batches). The next frame starts with them instead of reading that
+    /// batch again, which a catch-up in frames smaller than its batches did for ~15-40% more
+    /// bytes than it delivered.
+    carry: std::collections::VecDeque<ReadMessage>,
+    /// The buffers the carried messages lie in.
+    buffers: Vec<bytes::Bytes>,
+    /// The read of the frame after the carried messages, started while a frame is sent, and
+    /// where it starts: a catch-up's disk reads overlap its sends instead of alternating
+    /// with them (reads past the page cache have no kernel read-ahead).
+    ahead: Option<(u64, ReadAhead)>,
+}
+
+impl InHand {
+    /// Lets all of it go: dropped when the session waits for new messages, or for credit
+    /// longer than [`HOLD_READ_FOR`], so an idle session holds no batch.
+    fn drop_all(&mut self) {
+        *self = InHand::default();
+    }
+
+    fn is_empty(&self) -> bool {
+        self.carry.is_empty() && self.ahead.is_none()
+    }
+
+    /// Starts reading the frame after the carried messages when more is durable (below
+    /// `head`) and the credit reaches past them.
+    fn read_ahead(
+        &mut self,
+        store: &Arc<Store>,
+        channel_id: u64,
+        credit_messages: u64,
+        credit_bytes: u64,
+        head: u64,
+    ) {
+        let Some(last) = self.carry.back() else {
+            return;
+        };
+        let from = last.offset + 1;
+        let read_bytes: u64 = self.carry.iter().map(|m| m.payload.len() as u64).sum();
+        let messages_left = credit_messages.saturating_sub(self.carry.len() as u64);
+        let bytes_left = credit_bytes.saturating_sub(read_bytes);
+        if from >= head || messages_left == 0 || bytes_left == 0 {
+            return;
+        }
+        let store = store.clone();
+        let max_messages = (messages_left as usize).min(DELIVER_MESSAGES);
+        let max_bytes = bytes_left.min(DELIVER_BYTES);
+        self.ahead = Some((
+            from,
+            tokio::task::spawn_blocking(move || {
+                store.read_whole_batches(channel_id, from, max_messages, max_bytes)
+            }),
+        ));
+    }
+}
+
 /// Largest Hello from a peer not yet authenticated (a token is well under 4 KiB).
 const HELLO_LIMIT: u64 = 64 * 1024;
 /// Publish batches accepted on one stream before their acks are written.
@@ -2076,18 +2135,8 @@ impl Broker {
             }
         });
         let (commits_tx, mut commits) = mpsc::unbounded_channel::<Result<u64, Refusal>>();
-        // Messages read past what the last frame could take (the rest of its last batch:
-        // reads answer whole batches) and the buffer they lie in. The next frame starts with
-        // them instead of reading that batch again, which a catch-up in frames smaller than
-        // its batches did for ~15-40% more bytes than it delivered. Dropped when the session
-        // waits for new messages, or for credit longer than HOLD_READ_FOR, so an idle
-        // session holds no batch.
-        let mut carry: std::collections::VecDeque<ReadMessage> = Default::default();
-        let mut carry_buffers: Vec<bytes::Bytes> = Vec::new();
-        // The read of the frame after these, started while they are sent, and where it
-        // starts: a catch-up's disk reads overlap its sends instead of alternating with them
-        // (reads past the page cache have no kernel read-ahead). Dropped with the carry.
-        let mut ahead: Option<(u64, ReadAhead)> = None;
+        // What was read and not yet delivered; see InHand.
+        let mut in_hand = InHand::default();
         // Since when the session has waited for credit with a read in hand.
         let mut hold_since: Option<tokio::time::Instant> = None;
         let mut shutdown = self.shutdown.subscribe();
@@ -2113,23 +2162,25 @@ impl Broker {
                             .is_some_and(|c| !c.deleting && c.first_offset <= next)
                     })
                 };
-                let carried = carry.front().is_some_and(|m| m.offset == next);
+                let carried = in_hand.carry.front().is_some_and(|m| m.offset == next);
                 if !carried {
-                    carry.clear();
-                    carry_buffers.clear();
+                    in_hand.carry.clear();
+                    in_hand.buffers.clear();
                 }
                 // A read ahead starts where what was read (and is carried) ends.
-                let ahead_at = carry.back().map_or(next, |m| m.offset + 1);
-                if ahead.as_ref().is_some_and(|(from, _)| *from != ahead_at) {
-                    ahead = None;
+                let ahead_at = in_hand.carry.back().map_or(next, |m| m.offset + 1);
+                if in_hand
+                    .ahead
+                    .as_ref()
+                    .is_some_and(|(from, _)| *from != ahead_at)
+                {
+                    in_hand.ahead = None;
                 }
-                if (carried || ahead.is_some()) && !still_stored() {
-                    carry.clear();
-                    carry_buffers.clear();
-                    ahead = None;
+                if (carried || in_hand.ahead.is_some()) && !still_stored() {
+                    in_hand.drop_all();
                 }
-                if carry.is_empty() {
-                    let read = match ahead.take() {
+                if in_hand.carry.is_empty() {
+                    let read = match in_hand.ahead.take() {
                         Some((_, read)) => read.await,
                         None => {
                             let store = self.store.clone();
@@ -2154,48 +2205,35 @@ impl Broker {
                         Err(_) => break,
                     };
                     // Only what is durable is delivered, or carried.
-                    carry.extend(read.into_iter().filter(|m| m.offset < head_now));
-                    carry_buffers = buffers;
-                    // More is durable than this read, and the credit reaches past it: read
-                    // that while this is sent.
-                    let read_bytes: u64 = carry.iter().map(|m| m.payload.len() as u64).sum();
-                    if let Some(last) = carry.back() {
-                        let from = last.offset + 1;
-                        let messages_left = credit_messages.saturating_sub(carry.len() as u64);
-                        let bytes_left = credit_bytes.saturating_sub(read_bytes);
-                        if from < head_now && messages_left > 0 && bytes_left > 0 {
-                            let store = self.store.clone();
-                            let max_messages = (messages_left as usize).min(DELIVER_MESSAGES);
-                            let max_bytes = bytes_left.min(DELIVER_BYTES);
-                            ahead = Some((
-                                from,
-                                tokio::task::spawn_blocking(move || {
-                                    store.read_whole_batches(
-                                        channel_id,
-                                        from,
-                                        max_messages,
-                                        max_bytes,
-                                    )
-                                }),
-                            ));
-                        }
-                    }
+                    in_hand
+                        .carry
+                        .extend(read.into_iter().filter(|m| m.offset < head_now));
+                    in_hand.buffers = buffers;
+                    in_hand.read_ahead(
+                        &self.store,
+                        channel_id,
+                        credit_messages,
+                        credit_bytes,
+                        head_now,
+                    );
                 }
-                let mut messages = Vec::with_capacity(carry.len().min(max_messages));
+                let mut messages = Vec::with_capacity(in_hand.carry.len().min(max_messages));
                 let mut taken_bytes = 0u64;
-                while let Some(m) = carry.pop_front() {
+                while let Some(m) = in_hand.carry.pop_front() {
                     taken_bytes += m.payload.len() as u64;
                     messages.push(m);
                     if messages.len() >= max_messages || taken_bytes >= max_bytes {
                         break;
                     }
                 }
-                let buffers = if carry.is_empty() {
-                    std::mem::take(&mut carry_buffers)
+                let buffers = if in_hand.carry.is_empty() {
+                    std::mem::take(&mut in_hand.buffers)
                 } else {
                     // The rest lies in the last batch read: only its buffer is kept.
-                    let all = carry_buffers.clone();
-                    carry_buffers.drain(..carry_buffers.len().saturating_sub(1));
+                    let all = in_hand.buffers.clone();
+                    in_hand
+                        .buffers
+                        .drain(..in_hand.buffers.len().saturating_sub(1));
                     all
                 };
                 if let Some(first) = messages.first().filter(|m| m.offset > next) {
@@ -2283,16 +2321,14 @@ impl Broker {
             // is usually about to grant more, and dropping it meant reading the same bytes
             // from the disk again. A wait that goes on drops it, so a stalled consumer pins
             // no buffer.
-            let holding = !more && behind && (!carry.is_empty() || ahead.is_some());
+            let holding = !more && behind && !in_hand.is_empty();
             if holding {
                 hold_since.get_or_insert_with(tokio::time::Instant::now);
             } else {
                 hold_since = None;
             }
             if !more && !holding {
-                carry.clear();
-                carry_buffers.clear();
-                ahead = None;
+                in_hand.drop_all();
             }
             let hold_until = hold_since.map(|since| since + HOLD_READ_FOR);
             tokio::select! {
@@ -2345,9 +2381,7 @@ impl Broker {
                 }
                 () = std::future::ready(()), if more => {}
                 () = tokio::time::sleep_until(hold_until.unwrap_or_else(tokio::time::Instant::now)), if hold_until.is_some() => {
-                    carry.clear();
-                    carry_buffers.clear();
-                    ahead = None;
+                    in_hand.drop_all();
                     hold_since = None;
                 }
                 changed = heads.changed(), if !more => {

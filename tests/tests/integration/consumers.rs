@@ -353,35 +353,7 @@ async fn a_batch_larger_than_the_credit_is_delivered_in_steps_exactly_once() -> 
     let (_control_w, _control_r, reply) = hello(&conn, proto::PROTOCOL_VERSION).await?;
     ensure!(matches!(reply, Some(Frame::HelloOk(_))), "{reply:?}");
     // Two batches of 40 messages each, one frame apiece.
-    let (send, recv) = conn.open_bi().await?;
-    let (mut w, mut r) = (FrameWriter::new(send), FrameReader::new(recv, 1 << 30));
-    w.write(&Frame::OpenPublish(proto::OpenPublish {
-        channel: "steps".into(),
-        producer_id: "p".into(),
-        create: true,
-    }))
-    .await?;
-    ensure!(
-        matches!(next_within(&mut r).await?, Some(Frame::PublishOpened(_))),
-        "opened"
-    );
-    for batch in 0..2u64 {
-        w.write(&Frame::PublishBatch(proto::PublishBatch {
-            batch_id: batch,
-            messages: (batch * 40..batch * 40 + 40)
-                .map(|i| proto::PublishMessage {
-                    sequence: i,
-                    headers: vec![],
-                    payload: Bytes::from(format!("m{i}")),
-                })
-                .collect(),
-        }))
-        .await?;
-        match next_within(&mut r).await? {
-            Some(Frame::PublishAck(a)) => ensure!(a.appended == 40, "{a:?}"),
-            other => bail!("expected PublishAck, got {other:?}"),
-        }
-    }
+    publish_raw(&conn, "steps", &[0..40, 40..80]).await?;
     let subscribe = |consumer: &str, credit: u32| {
         Frame::Subscribe(proto::Subscribe {
             channel: "steps".into(),
@@ -461,6 +433,110 @@ async fn a_batch_larger_than_the_credit_is_delivered_in_steps_exactly_once() -> 
 }
 
 /// The next frame on `reader`, failing after 30 s instead of waiting forever.
+/// Publishes one `PublishBatch` per range on a new stream to `channel` (created), message
+/// `i` with sequence `i` and payload `m{i}`, each acknowledged whole before the next.
+async fn publish_raw(
+    conn: &quinn::Connection,
+    channel: &str,
+    batches: &[std::ops::Range<u64>],
+) -> Result<()> {
+    use directmq_client::{FrameReader, FrameWriter};
+    use directmq_protocol::{self as proto, Frame};
+
+    let (send, recv) = conn.open_bi().await?;
+    let (mut w, mut r) = (FrameWriter::new(send), FrameReader::new(recv, 1 << 30));
+    w.write(&Frame::OpenPublish(proto::OpenPublish {
+        channel: channel.into(),
+        producer_id: "p".into(),
+        create: true,
+    }))
+    .await?;
+    ensure!(
+        matches!(next_within(&mut r).await?, Some(Frame::PublishOpened(_))),
+        "opened"
+    );
+    for (batch_id, range) in batches.iter().enumerate() {
+        w.write(&Frame::PublishBatch(proto::PublishBatch {
+            batch_id: batch_id as u64,
+            messages: range
+                .clone()
+                .map(|i| proto::PublishMessage {
+                    sequence: i,
+                    headers: vec![],
+                    payload: bytes::Bytes::from(format!("m{i}")),
+                })
+                .collect(),
+        }))
+        .await?;
+        match next_within(&mut r).await? {
+            Some(Frame::PublishAck(a)) => {
+                ensure!(u64::from(a.appended) == range.end - range.start, "{a:?}")
+            }
+            other => anyhow::bail!("expected PublishAck, got {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+/// A consumer far behind, with credit for all of it, gets frames read one ahead of those
+/// sent while most of a batch is still carried (batches of 1,500 against frames of at most
+/// 1,024): every offset exactly once, in order, in the raw frames (the client library
+/// would hide a redelivered offset).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_read_ahead_delivers_every_offset_once_and_in_order() -> Result<()> {
+    use anyhow::bail;
+    use bytes::Bytes;
+    use directmq_client::{FrameReader, FrameWriter};
+    use directmq_protocol::{self as proto, Frame};
+
+    use crate::bad_input::{hello, raw_connection};
+
+    directmq_tests::init_logging();
+    let dir = tempfile::tempdir()?;
+    let running = directmq_broker::start(test_config(dir.path())).await?;
+    let conn = raw_connection(running.quic_addr, dir.path()).await?;
+    let (_control_w, _control_r, reply) = hello(&conn, proto::PROTOCOL_VERSION).await?;
+    ensure!(matches!(reply, Some(Frame::HelloOk(_))), "{reply:?}");
+    publish_raw(&conn, "behind", &[0..1500, 1500..3000, 3000..4500]).await?;
+    let (send, recv) = conn.open_bi().await?;
+    let (mut w, mut r) = (FrameWriter::new(send), FrameReader::new(recv, 1 << 30));
+    w.write(&Frame::Subscribe(proto::Subscribe {
+        channel: "behind".into(),
+        consumer: "dc-b".into(),
+        start: StartPosition::Earliest,
+        credit_messages: 10_000,
+        credit_bytes: 1 << 30,
+        standby: false,
+    }))
+    .await?;
+    ensure!(
+        matches!(next_within(&mut r).await?, Some(Frame::Subscribed(_))),
+        "subscribed"
+    );
+    let mut delivered: Vec<(u64, Bytes)> = Vec::new();
+    while delivered.len() < 4500 {
+        match next_within(&mut r).await? {
+            Some(Frame::Deliver(d)) => {
+                delivered.extend(d.messages.into_iter().map(|m| (m.offset, m.payload)))
+            }
+            other => bail!("expected Deliver, got {other:?}"),
+        }
+    }
+    let expected: Vec<(u64, Bytes)> = (0..4500u64)
+        .map(|i| (i, Bytes::from(format!("m{i}"))))
+        .collect();
+    if let Some(i) = (0..expected.len()).find(|&i| delivered.get(i) != expected.get(i)) {
+        bail!(
+            "delivery {i} was {:?}, expected {:?}",
+            delivered.get(i),
+            expected[i]
+        );
+    }
+    ensure!(delivered.len() == 4500, "{} delivered", delivered.len());
+    running.shutdown().await;
+    Ok(())
+}
+
 async fn next_within(
     reader: &mut directmq_client::FrameReader,
 ) -> Result<Option<directmq_protocol::Frame>> {

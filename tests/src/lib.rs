@@ -211,9 +211,13 @@ impl ChildBroker {
 
     /// Sends `signal` (a name, such as "STOP" or "CONT") to the broker.
     pub fn signal(&self, signal: &str) -> Result<()> {
+        // Never `kill 0`: that would signal the test's whole process group.
+        let Some(child) = &self.child else {
+            bail!("no broker to send SIG{signal} to");
+        };
         let status = Command::new("kill")
             .arg(format!("-{signal}"))
-            .arg(self.pid().to_string())
+            .arg(child.id().to_string())
             .status()?;
         ensure!(status.success(), "kill -{signal} failed");
         Ok(())
@@ -221,16 +225,11 @@ impl ChildBroker {
 
     /// SIGTERM (graceful shutdown), then wait; returns whether it exited successfully.
     pub fn terminate(&mut self) -> Result<bool> {
-        let Some(mut child) = self.child.take() else {
+        if self.child.is_none() {
             return Ok(false);
-        };
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status()?;
-        if !status.success() {
-            bail!("kill -TERM failed");
         }
+        self.signal("TERM")?;
+        let mut child = self.child.take().expect("checked above");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             let status = child.wait();

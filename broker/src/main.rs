@@ -278,68 +278,19 @@ impl Conn {
     }
 }
 
-/// Pins glibc's mmap threshold at 4 MiB and its trim threshold at 8 MiB, each unless the
-/// operator set it (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_` or `GLIBC_TUNABLES`);
-/// the trim threshold only when the mmap threshold was pinned.
-///
-/// glibc raises the mmap threshold each time a large block is freed, up to 32 MiB; blocks of
-/// several MiB (a closed segment's index file, a checkpoint) then come from the heap arenas
-/// and leave holes the arenas keep: on 10,000 channels under load the broker's resident
-/// memory grew ~2.5 MB/s with a live heap that did not grow, and stays flat with the
-/// threshold fixed (docs/benchmarks.md). Blocks of 4 MiB or more are then mapped and
-/// unmapped each time.
-///
-/// Fixing one threshold also stops glibc from moving the other, and its trim threshold stays
-/// at 128 KiB: every read buffer and frame of a MiB or two freed at the top of an arena gave
-/// its pages back, and the next one faulted them in again (a 1 GB catch-up: ~160,000 page
-/// faults per million messages, ~2,500 with the trim threshold at 8 MiB, which is what glibc
-/// itself sets beside a 4 MiB mmap threshold). Answers what was done, for the log.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
-fn pin_malloc_thresholds() -> String {
-    let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
-    // Ok: pinned at that many MiB; Err: why not.
-    let pin = |env: &str, tunable: &str, param: libc::c_int, bytes: libc::c_int| {
-        if std::env::var_os(env).is_some() || tunables.contains(tunable) {
-            return Err("as the environment sets it");
-        }
-        // SAFETY: mallopt only sets an allocator parameter; it runs before any other thread
-        // exists. A refusal (0) leaves glibc's default, which is safe too.
-        if unsafe { libc::mallopt(param, bytes) } == 1 {
-            Ok(bytes >> 20)
-        } else {
-            Err("glibc's default (mallopt refused)")
-        }
-    };
-    let mmap = match pin(
-        "MALLOC_MMAP_THRESHOLD_",
-        "mmap_threshold",
-        libc::M_MMAP_THRESHOLD,
-        4 << 20,
-    ) {
-        Ok(mib) => mib,
-        // glibc's own trim threshold is twice the mmap threshold: one the operator chose (or
-        // one glibc still moves) leaves the trim threshold to glibc as well.
-        Err(why) => return format!("mmap threshold {why}, trim threshold left to glibc"),
-    };
-    match pin(
-        "MALLOC_TRIM_THRESHOLD_",
-        "trim_threshold",
-        libc::M_TRIM_THRESHOLD,
-        8 << 20,
-    ) {
-        Ok(mib) => format!("mmap threshold {mmap} MiB, trim threshold {mib} MiB"),
-        Err(why) => format!("mmap threshold {mmap} MiB, trim threshold {why}"),
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn pin_malloc_thresholds() -> String {
-    "the allocator's defaults".to_string()
-}
+/// jemalloc, not glibc's malloc. With 10,000 channels every message is its own batch,
+/// record and index entry, and glibc's malloc and free were a sixth of the broker's CPU
+/// samples; with jemalloc's thread caches the broker takes about a fifth more messages a
+/// second there (docs/benchmarks.md, "seventh builds"). It keeps what it frees for reuse and
+/// gives it back over seconds, so multi-MiB blocks (a closed segment's index file, a
+/// checkpoint) leave no holes in the heap and a freed read buffer is not faulted in anew
+/// each time: what glibc needed its mmap and trim thresholds pinned for. Building and
+/// draining a 1 GB backlog costs 19,000-24,000 page faults (glibc, pinned: ~10,000; with its
+/// defaults: ~160,000 per million messages).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() {
-    let malloc_thresholds = pin_malloc_thresholds();
     let cli = Cli::parse();
     let serving = matches!(cli.command, Command::Serve { .. });
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
@@ -352,7 +303,6 @@ fn main() {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
-    tracing::debug!(thresholds = %malloc_thresholds, "allocator");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

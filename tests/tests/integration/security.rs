@@ -221,3 +221,68 @@ admin = [""]
     running.shutdown().await;
     Ok(())
 }
+
+/// A multi-channel stream looks each channel's grant up once per ACL, not per frame; a
+/// reload that takes a right away still applies at the stream's next frame, and one that
+/// leaves a right in place keeps it working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_right_removed_by_a_reload_applies_to_an_open_multi_channel_stream() -> Result<()> {
+    directmq_tests::init_logging();
+    let dir = tempfile::tempdir()?;
+    let acl = dir.path().join("acl.toml");
+    let grants = |publish: &str| {
+        format!(
+            "[[grant]]\nidentity = \"admin\"\nadmin = [\"\"]\n\
+             [[grant]]\nidentity = \"agent\"\npublish = [{publish}]\n"
+        )
+    };
+    std::fs::write(&acl, grants("\"a/\", \"b/\""))?;
+    let mut config = test_config(dir.path());
+    config.acl = Some(acl.clone());
+    let running = directmq_broker::start(config).await?;
+    let addr = running.quic_addr;
+    let admin = client(addr, dir.path()).await?;
+    admin.create_channel("a/x").await?;
+    admin.create_channel("b/x").await?;
+    let agent_certs = tempfile::tempdir()?;
+    tls::issue_client(&dir.path().join("certs"), agent_certs.path(), "agent", 1)?;
+    let agent = Client::connect(config_from(addr, agent_certs.path())?).await?;
+    let producer = agent
+        .multi_producer("p", directmq_client::ProducerOptions::default())
+        .await?;
+    // Two frames on each channel under the first ACL: the second uses the kept grant.
+    for payload in ["1", "2"] {
+        producer.send("a/x", payload).await?;
+        producer.send("b/x", payload).await?;
+    }
+
+    std::fs::write(&acl, grants("\"a/\""))?;
+    let report = running.broker.reload();
+    ensure!(report.acl.is_ok(), "{report:?}");
+    producer.send("a/x", "3").await?;
+    let err = producer
+        .send("b/x", "3")
+        .await
+        .expect_err("the reload took the publish right on b/ away");
+    ensure!(err.code() == Some(ErrorCode::UNAUTHORIZED), "{err}");
+    ensure!(err.to_string().contains("b/x"), "{err}");
+
+    // What was acknowledged is stored; the refused message is not.
+    for (channel, want) in [("a/x", &["1", "2", "3"][..]), ("b/x", &["1", "2"][..])] {
+        let mut consumer = admin
+            .consumer(channel, "check", StartPosition::Earliest)
+            .await?;
+        for payload in want {
+            let m = consumer.next().await.context("closed")??;
+            ensure!(m.payload == payload.as_bytes(), "{channel}: {m:?}");
+        }
+        let head = admin.list_channels(channel).await?;
+        ensure!(
+            head.iter()
+                .any(|c| c.name == channel && c.head == want.len() as u64),
+            "{channel}: {head:?}"
+        );
+    }
+    running.shutdown().await;
+    Ok(())
+}

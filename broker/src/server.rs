@@ -1384,7 +1384,13 @@ impl Broker {
                     heads.send_if_modified(|h| {
                         let moves = end > *h;
                         *h = (*h).max(end);
-                        moves
+                        // With no receiver the change is silent: waking nobody still took
+                        // the eight locks of tokio's watch notifier, ~4% of the broker's
+                        // CPU with 10,000 channels and no consumer. The value's write lock
+                        // is held here, so a session subscribing meanwhile reads the head
+                        // (`borrow`, a read lock) after this store; one that already read
+                        // it was counted before the lock was taken, and is woken.
+                        moves && heads.receiver_count() > 0
                     });
                 }
             }

@@ -290,6 +290,17 @@ impl Conn {
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options, read when it starts (the `_RJEM_MALLOC_CONF` environment variable
+/// still overrides them). Freed pages go back to the system after about a second instead
+/// of jemalloc's default ten: with 10,000 channels the broker's peak resident memory over
+/// the benchmark was 145-151 MB instead of 164-184 MB, at the same throughput, and a 1 GB
+/// catch-up drained as fast (page faults 18,000-24,000 -> 48,000-50,000, CPU unchanged).
+#[allow(unsafe_code)]
+#[export_name = "_rjem_malloc_conf"]
+// SAFETY: jemalloc reads this symbol as `const char *malloc_conf` (a weak definition of
+// its own that this one replaces): a pointer to a NUL-terminated string that lives forever.
+pub static MALLOC_CONF: &[u8; 20] = b"dirty_decay_ms:1000\0";
+
 fn main() {
     let cli = Cli::parse();
     let serving = matches!(cli.command, Command::Serve { .. });

@@ -282,11 +282,12 @@ impl Conn {
 /// record and index entry, and glibc's malloc and free were a sixth of the broker's CPU
 /// samples; with jemalloc's thread caches the broker takes about a fifth more messages a
 /// second there (docs/benchmarks.md, "seventh builds"). It keeps what it frees for reuse and
-/// gives it back over seconds, so multi-MiB blocks (a closed segment's index file, a
-/// checkpoint) leave no holes in the heap and a freed read buffer is not faulted in anew
-/// each time: what glibc needed its mmap and trim thresholds pinned for. Building and
-/// draining a 1 GB backlog costs 19,000-24,000 page faults (glibc, pinned: ~10,000; with its
-/// defaults: ~160,000 per million messages).
+/// gives it back after a delay ([`MALLOC_CONF`]), so multi-MiB blocks (a closed segment's
+/// index file, a checkpoint) leave no holes in the heap and a freed read buffer is mostly
+/// reused, not faulted in anew: what glibc needed its mmap and trim thresholds pinned for.
+/// Building and draining a 1 GB backlog (~1.7 million messages) costs the broker ~50,000
+/// page faults (glibc with its thresholds pinned: ~10,000; with its defaults: ~160,000 per
+/// million messages), at the same CPU.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -286,16 +286,18 @@ impl Conn {
 /// index file, a checkpoint) leave no holes in the heap and a freed read buffer is mostly
 /// reused, not faulted in anew: what glibc needed its mmap and trim thresholds pinned for.
 /// Building and draining a 1 GB backlog (~1.7 million messages) costs the broker ~50,000
-/// page faults (glibc with its thresholds pinned: ~10,000; with its defaults: ~160,000 per
-/// million messages), at the same CPU.
+/// page faults in all, at the same CPU as glibc with its thresholds pinned (~10,000 faults
+/// in the same run; glibc's defaults had cost ~160,000 per million messages drained).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// jemalloc's options, read when it starts (the `_RJEM_MALLOC_CONF` environment variable
 /// still overrides them). Freed pages go back to the system after about a second instead
 /// of jemalloc's default ten: with 10,000 channels the broker's peak resident memory over
-/// the benchmark was 145-151 MB instead of 164-184 MB, at the same throughput, and a 1 GB
+/// the benchmark was 145-163 MB instead of 164-201 MB, at the same throughput, and a 1 GB
 /// catch-up drained as fast (page faults 18,000-24,000 -> 48,000-50,000, CPU unchanged).
+/// jemalloc runs no background thread here: an idle broker gives the pages back when it
+/// next allocates or frees.
 #[allow(unsafe_code)]
 #[export_name = "_rjem_malloc_conf"]
 // SAFETY: jemalloc reads this symbol as `const char *malloc_conf` (a weak definition of

@@ -314,3 +314,59 @@ async fn the_command_line_issues_a_token_that_the_command_line_can_use() -> Resu
     running.shutdown().await;
     Ok(())
 }
+
+/// A multi-channel stream checks its token at every frame, although it looks each channel's
+/// grant up only once per ACL: a token revoked while the stream is open stops the next
+/// frame, on a channel the stream already published to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_revoked_under_an_open_multi_channel_stream_stops_its_next_frame() -> Result<()> {
+    directmq_tests::init_logging();
+    let dir = tempfile::tempdir()?;
+    let data = dir.path();
+    let running = directmq_broker::start(broker_config(data)?).await?;
+    let addr = running.quic_addr;
+    let admin = client(addr, data).await?;
+    admin.create_channel("tok/a").await?;
+    admin.create_channel("tok/b").await?;
+    let issued = admin
+        .issue_token(
+            "agent",
+            vec!["tok/".into()],
+            vec![],
+            vec![],
+            Duration::from_secs(3600),
+        )
+        .await?;
+    let agent = Client::connect(token_config(addr, data, &issued.token)?).await?;
+    let producer = agent
+        .multi_producer("p", directmq_client::ProducerOptions::default())
+        .await?;
+    for payload in ["1", "2"] {
+        producer.send("tok/a", payload).await?;
+        producer.send("tok/b", payload).await?;
+    }
+
+    admin.revoke_token(&issued.id).await?;
+    let err = producer
+        .send("tok/a", "3")
+        .await
+        .expect_err("the token was revoked");
+    ensure!(
+        err.code() == Some(ErrorCode::UNAUTHORIZED) && err.to_string().contains("revoked"),
+        "{err}"
+    );
+    let heads: Vec<(String, u64)> = admin
+        .list_channels("tok/")
+        .await?
+        .into_iter()
+        .map(|c| (c.name, c.head))
+        .collect();
+    ensure!(
+        heads == [("tok/a".to_string(), 2), ("tok/b".to_string(), 2)],
+        "{heads:?}"
+    );
+    agent.close().await;
+    admin.close().await;
+    running.shutdown().await;
+    Ok(())
+}

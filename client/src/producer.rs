@@ -491,6 +491,9 @@ struct Task {
     in_flight: VecDeque<InFlight>,
     in_flight_bytes: usize,
     next_batch_id: u64,
+    /// Which part of the frame being built holds each channel: kept between frames, cleared
+    /// for each, so a frame of 2,048 channels does not grow a new map from empty.
+    part_of: HashMap<Arc<str>, usize>,
     flushes: Vec<oneshot::Sender<()>>,
     /// Since when the broker has refused with STORAGE_FULL without an ack in between.
     full_since: Option<tokio::time::Instant>,
@@ -525,6 +528,7 @@ impl Task {
             in_flight: VecDeque::new(),
             in_flight_bytes: 0,
             next_batch_id: 1,
+            part_of: HashMap::new(),
             flushes: Vec::new(),
             full_since: None,
         };
@@ -640,7 +644,8 @@ impl Task {
         {
             // Parts by channel, in first-message order; a single-channel stream has one.
             let mut parts: Vec<Part> = Vec::new();
-            let mut part_of: HashMap<Arc<str>, usize> = HashMap::new();
+            let part_of = &mut self.part_of;
+            part_of.clear();
             let mut count = 0usize;
             let mut bytes = 0usize;
             while let Some((_, message, _)) = self.queued.front() {

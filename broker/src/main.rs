@@ -288,6 +288,7 @@ impl Conn {
 /// Building and draining a 1 GB backlog (~1.7 million messages) costs the broker ~50,000
 /// page faults in all, at the same CPU as glibc with its thresholds pinned (~10,000 faults
 /// in the same run; glibc's defaults had cost ~160,000 per million messages drained).
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -298,6 +299,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// catch-up drained as fast (page faults 18,000-24,000 -> 48,000-50,000, CPU unchanged).
 /// jemalloc runs no background thread here: an idle broker gives the pages back when it
 /// next allocates or frees.
+#[cfg(feature = "jemalloc")]
 #[allow(unsafe_code)]
 #[export_name = "_rjem_malloc_conf"]
 // SAFETY: jemalloc reads this symbol as `const char *malloc_conf` (a weak definition of

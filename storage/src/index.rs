@@ -5,7 +5,7 @@
 //! own. Nothing here is the only copy of anything: every entry can be rebuilt from the
 //! segment files, and is, when an index file or the checkpoint is missing or damaged.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use foldhash::{HashMap, HashMapExt, HashSet};
 use std::fs::File;
@@ -64,26 +64,142 @@ pub struct Span {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SegmentSummary {
     pub size: u64,
-    /// By channel id. A map, not a list: with thousands of channels in one segment a
-    /// linear search per appended batch cost the writer thread a tenth of its time. bincode
-    /// writes a map exactly as it wrote the list of pairs, so checkpoints stay readable.
-    pub spans: std::collections::BTreeMap<u64, Span>,
+    pub spans: Spans,
 }
 
 impl SegmentSummary {
     pub fn add(&mut self, channel_id: u64, first: u64, end: u64, bytes: u64) {
-        self.spans
+        self.spans.add(channel_id, first, end, bytes);
+    }
+}
+
+/// A segment's spans by channel. While the segment is written to they are a hash map (a
+/// linear search per appended batch cost the writer a tenth of its time with thousands of
+/// channels, a tree a few percent); once it is closed, a list sorted by channel, 32 bytes a
+/// channel, a third of the tree's: a log of many segments of many channels keeps one per
+/// pair in memory.
+///
+/// Serialized as the number of pairs and then the pairs, sorted by channel: exactly as
+/// bincode wrote the map and, before it, the list of pairs, so checkpoints stay readable.
+#[derive(Debug, Clone, Default)]
+pub struct Spans {
+    open: HashMap<u64, Span>,
+    /// By channel id; used when `open` is empty.
+    closed: Vec<(u64, Span)>,
+}
+
+impl Spans {
+    pub fn add(&mut self, channel_id: u64, first: u64, end: u64, bytes: u64) {
+        let widen = |span: &mut Span| {
+            span.first_offset = span.first_offset.min(first);
+            span.end_offset = span.end_offset.max(end);
+            span.bytes += bytes;
+        };
+        if self.open.is_empty() {
+            if let Ok(i) = self.closed.binary_search_by_key(&channel_id, |(id, _)| *id) {
+                widen(&mut self.closed[i].1);
+                return;
+            }
+            // A closed segment does not grow; a recovered active one does.
+            self.open.extend(self.closed.drain(..));
+            self.closed = Vec::new();
+        }
+        self.open
             .entry(channel_id)
-            .and_modify(|span| {
-                span.first_offset = span.first_offset.min(first);
-                span.end_offset = span.end_offset.max(end);
-                span.bytes += bytes;
-            })
+            .and_modify(widen)
             .or_insert(Span {
                 first_offset: first,
                 end_offset: end,
                 bytes,
             });
+    }
+
+    /// Turns the map into the sorted list: the segment is closed.
+    pub fn close(&mut self) {
+        if self.open.is_empty() {
+            return;
+        }
+        let mut closed = Vec::with_capacity(self.closed.len() + self.open.len());
+        closed.append(&mut self.closed);
+        closed.extend(self.open.drain());
+        closed.sort_unstable_by_key(|(id, _)| *id);
+        self.open = HashMap::new();
+        self.closed = closed;
+    }
+
+    pub fn get(&self, channel_id: u64) -> Option<&Span> {
+        if self.open.is_empty() {
+            self.closed
+                .binary_search_by_key(&channel_id, |(id, _)| *id)
+                .ok()
+                .map(|i| &self.closed[i].1)
+        } else {
+            self.open.get(&channel_id)
+        }
+    }
+
+    /// Every channel's span, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, Span)> + '_ {
+        let closed = self.closed.iter().map(|(id, span)| (*id, *span));
+        let open = self.open.iter().map(|(id, span)| (*id, *span));
+        closed.chain(open)
+    }
+
+    pub fn len(&self) -> usize {
+        self.closed.len() + self.open.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the spans are the sorted list (or empty).
+    #[cfg(test)]
+    pub fn is_closed(&self) -> bool {
+        self.open.is_empty()
+    }
+}
+
+impl PartialEq for Spans {
+    fn eq(&self, other: &Spans) -> bool {
+        let sorted = |s: &Spans| {
+            let mut v: Vec<(u64, Span)> = s.iter().collect();
+            v.sort_unstable_by_key(|(id, _)| *id);
+            v
+        };
+        sorted(self) == sorted(other)
+    }
+}
+
+impl Eq for Spans {}
+
+impl Serialize for Spans {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if self.open.is_empty() {
+            serializer.collect_seq(self.closed.iter())
+        } else {
+            // The active segment: sorted here, so that the bytes do not depend on a hash.
+            let mut pairs: Vec<(u64, Span)> = self.iter().collect();
+            pairs.sort_unstable_by_key(|(id, _)| *id);
+            serializer.collect_seq(pairs.iter())
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Spans {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Spans, D::Error> {
+        let mut closed = Vec::<(u64, Span)>::deserialize(deserializer)?;
+        closed.sort_by_key(|(id, _)| *id);
+        if closed.windows(2).any(|w| w[0].0 == w[1].0) {
+            return Err(serde::de::Error::custom(
+                "a channel twice in a segment summary",
+            ));
+        }
+        closed.shrink_to_fit();
+        Ok(Spans {
+            open: HashMap::new(),
+            closed,
+        })
     }
 }
 
@@ -213,8 +329,11 @@ type Channels = HashMap<u64, Vec<Slot>>;
 /// Where a channel's entries are in an index file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Fence {
-    start: u64,
-    count: u64,
+    /// In a `u32`, as `count`: a fence row is kept in memory per channel per closed
+    /// segment, and a segment holds fewer than 2^32 entries (the file says so, or is not
+    /// used).
+    start: u32,
+    count: u32,
     first_base: u64,
     last_base: u64,
 }
@@ -229,7 +348,7 @@ struct IndexFile {
     bytes: u64,
     /// Where the entries start in the file.
     entries_at: u64,
-    /// By channel id (a sorted list: 40 bytes a channel, a third less than a hash map).
+    /// By channel id (a sorted list: 32 bytes a channel, half a hash map's).
     fence: Vec<(u64, Fence)>,
 }
 
@@ -259,12 +378,12 @@ impl IndexFile {
             return Ok(0);
         }
         if fence.last_base <= x {
-            return Ok(fence.count);
+            return Ok(u64::from(fence.count));
         }
-        let (mut lo, mut hi) = (0, fence.count);
+        let (mut lo, mut hi) = (0, u64::from(fence.count));
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            if self.base(file, fence.start + mid)? <= x {
+            if self.base(file, u64::from(fence.start) + mid)? <= x {
                 lo = mid + 1;
             } else {
                 hi = mid;
@@ -291,9 +410,10 @@ impl IndexFile {
         let start = self.count_up_to(&file, fence, at)?.saturating_sub(1);
         let mut out = Vec::new();
         let mut i = start;
-        while i < fence.count && out.len() < max {
-            let n = (fence.count - i).min((max - out.len()).max(16) as u64);
-            for slot in self.slots(&file, fence.start + i, n)? {
+        let count = u64::from(fence.count);
+        while i < count && out.len() < max {
+            let n = (count - i).min((max - out.len()).max(16) as u64);
+            for slot in self.slots(&file, u64::from(fence.start) + i, n)? {
                 if visible(slot.base_offset) && out.len() < max {
                     out.push(slot.entry(channel_id, segment));
                 }
@@ -326,13 +446,30 @@ struct Segments {
 /// The closed segments holding a channel's entries.
 #[derive(Debug, Default)]
 struct ChannelSegments {
-    /// Segments whose ranges of base offsets overlap no other's here, by first base
-    /// offset: (last base offset, segment). Nearly all are: a channel's offsets grow with
-    /// the log.
-    regular: BTreeMap<u64, (u64, u64)>,
+    /// Segments whose ranges of base offsets overlap no other's here: (first base offset,
+    /// segment), sorted. Nearly all are: a channel's offsets grow with the log, so a closed
+    /// segment joins at the end and retention takes from the front. A pair per channel per
+    /// closed segment is kept, so 16 bytes, not a tree's ~48 (the last base offset is in
+    /// the segment's fence).
+    regular: VecDeque<(u64, u64)>,
     /// Segments whose range overlaps another's (compaction copies) or with entries hidden:
     /// always read.
     special: Vec<u64>,
+}
+
+impl ChannelSegments {
+    /// Where a regular segment whose first base offset is `first` goes.
+    fn regular_at(&self, first: u64) -> usize {
+        self.regular.partition_point(|(f, _)| *f < first)
+    }
+
+    /// Takes `segment` off the regular ones, if it is one, starting at `first`.
+    fn remove_regular(&mut self, first: u64, segment: u64) {
+        let i = self.regular_at(first);
+        if self.regular.get(i) == Some(&(first, segment)) {
+            self.regular.remove(i);
+        }
+    }
 }
 
 impl Segments {
@@ -340,15 +477,24 @@ impl Segments {
     fn add_sealed(&mut self, segment: u64, file: IndexFile) {
         for (channel, fence) in &file.fence {
             let cs = self.by_channel.entry(*channel).or_default();
-            let before = cs.regular.range(..=fence.first_base).next_back();
-            let after = cs.regular.range(fence.first_base..).next();
-            let overlaps = before.is_some_and(|(_, (last, _))| *last >= fence.first_base)
-                || after.is_some_and(|(first, _)| *first <= fence.last_base);
+            let i = cs.regular_at(fence.first_base);
+            // The one before starts below this one: does it end below too? (A regular
+            // segment is sealed with a fence for the channel; without one, assume it
+            // overlaps: a special segment is only read more often.)
+            let before = i.checked_sub(1).map(|b| cs.regular[b].1);
+            let overlaps = before.is_some_and(|b| {
+                self.sealed
+                    .get(&b)
+                    .and_then(|s| s.file.fence(*channel))
+                    .is_none_or(|f| f.last_base >= fence.first_base)
+            }) || cs
+                .regular
+                .get(i)
+                .is_some_and(|(first, _)| *first <= fence.last_base);
             if overlaps {
                 cs.special.push(segment);
             } else {
-                cs.regular
-                    .insert(fence.first_base, (fence.last_base, segment));
+                cs.regular.insert(i, (fence.first_base, segment));
             }
         }
         self.sealed.insert(
@@ -369,13 +515,7 @@ impl Segments {
             let Some(cs) = self.by_channel.get_mut(channel) else {
                 continue;
             };
-            if cs
-                .regular
-                .get(&fence.first_base)
-                .is_some_and(|e| e.1 == segment)
-            {
-                cs.regular.remove(&fence.first_base);
-            }
+            cs.remove_regular(fence.first_base, segment);
             cs.special.retain(|s| *s != segment);
             if cs.regular.is_empty() && cs.special.is_empty() {
                 self.by_channel.remove(channel);
@@ -391,14 +531,16 @@ impl Segments {
             return Vec::new();
         };
         let mut ids: Vec<u64> = cs.special.clone();
-        if let Some((_, (_, segment))) = cs.regular.range(..=at).next_back() {
-            ids.push(*segment);
+        // The first starting above `at`.
+        let above = cs.regular.partition_point(|(first, _)| *first <= at);
+        if let Some(b) = above.checked_sub(1) {
+            ids.push(cs.regular[b].1);
         }
         ids.extend(
             cs.regular
-                .range(at.saturating_add(1)..)
+                .range(above..)
                 .take(max)
-                .map(|(_, (_, segment))| *segment),
+                .map(|(_, segment)| *segment),
         );
         ids.sort_unstable();
         ids.dedup();
@@ -634,7 +776,7 @@ impl Index {
             .get(&channel_id)
             .map(|cs| {
                 cs.regular
-                    .values()
+                    .iter()
                     .map(|(_, segment)| *segment)
                     .chain(cs.special.iter().copied())
                     .collect()
@@ -653,13 +795,7 @@ impl Index {
                     // Its range no longer says where its visible entries are: read it
                     // always.
                     let cs = segments.by_channel.entry(channel_id).or_default();
-                    if cs
-                        .regular
-                        .get(&f.first_base)
-                        .is_some_and(|e| e.1 == *segment)
-                    {
-                        cs.regular.remove(&f.first_base);
-                    }
+                    cs.remove_regular(f.first_base, *segment);
                     if !cs.special.contains(segment) {
                         cs.special.push(*segment);
                     }
@@ -742,6 +878,16 @@ impl Index {
             .collect();
         ids.sort_unstable();
         let total: usize = ids.iter().map(|id| channels[id].len()).sum();
+        if u32::try_from(total).is_err() {
+            return Err(StorageError::io(
+                "index",
+                &seg_path,
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "a segment of 2^32 batches or more",
+                ),
+            ));
+        }
         let entries_at = FILE_HEADER + ids.len() * FENCE_BYTES;
         let mut buf = Vec::with_capacity(entries_at + total * SLOT_BYTES + 4);
         buf.extend_from_slice(FILE_MAGIC);
@@ -749,16 +895,18 @@ impl Index {
             buf.extend_from_slice(&v.to_le_bytes());
         }
         let mut fence = Vec::with_capacity(ids.len());
-        let mut start = 0u64;
+        // Below 2^32: `total` is.
+        let mut start = 0u32;
         for id in &ids {
             let slots = &channels[id];
             let f = Fence {
                 start,
-                count: slots.len() as u64,
+                count: slots.len() as u32,
                 first_base: slots[0].base_offset,
                 last_base: slots[slots.len() - 1].base_offset,
             };
-            for v in [*id, f.start, f.count, f.first_base, f.last_base] {
+            let (at, count) = (u64::from(f.start), u64::from(f.count));
+            for v in [*id, at, count, f.first_base, f.last_base] {
                 buf.extend_from_slice(&v.to_le_bytes());
             }
             fence.push((*id, f));
@@ -839,20 +987,26 @@ impl Index {
         if end != body.len() as u64 {
             return Err("length does not match its counts".into());
         }
+        if u32::try_from(entries).is_err() {
+            return Err("2^32 entries or more".into());
+        }
         let mut fence: Vec<(u64, Fence)> = Vec::with_capacity(channels as usize);
         for row in body[FILE_HEADER..entries_at as usize].chunks_exact(FENCE_BYTES) {
-            let f = Fence {
-                start: u64_at(row, 8),
-                count: u64_at(row, 16),
-                first_base: u64_at(row, 24),
-                last_base: u64_at(row, 32),
-            };
-            if f.count == 0
-                || f.first_base > f.last_base
-                || f.start.checked_add(f.count).is_none_or(|e| e > entries)
+            let (start, count) = (u64_at(row, 8), u64_at(row, 16));
+            let (first_base, last_base) = (u64_at(row, 24), u64_at(row, 32));
+            // `entries` is below 2^32, so `start` and `count` are too once checked here.
+            if count == 0
+                || first_base > last_base
+                || start.checked_add(count).is_none_or(|e| e > entries)
             {
                 return Err("fence out of range".into());
             }
+            let f = Fence {
+                start: start as u32,
+                count: count as u32,
+                first_base,
+                last_base,
+            };
             let id = u64_at(row, 0);
             if fence.last().is_some_and(|(last, _)| *last >= id) {
                 return Err("fence not sorted by channel".into());
@@ -1090,8 +1244,62 @@ mod tests {
         let now: SegmentSummary = options().deserialize(&bytes).unwrap();
         assert_eq!(now.size, 99);
         assert_eq!(now.spans.len(), 2);
-        assert_eq!(now.spans[&7], span(0, 4, 40));
-        assert_eq!(now.spans[&3], span(10, 12, 20));
+        assert_eq!(*now.spans.get(7).unwrap(), span(0, 4, 40));
+        assert_eq!(*now.spans.get(3).unwrap(), span(10, 12, 20));
+    }
+
+    #[test]
+    fn spans_answer_alike_open_and_closed_and_write_the_bytes_the_map_wrote() {
+        let mut spans = Spans::default();
+        let mut model: BTreeMap<u64, Span> = BTreeMap::new();
+        let mut x = 7u64;
+        for step in 0..3000u64 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let channel = (x >> 33) % 97;
+            let first = (x >> 20) % 1000;
+            let (end, bytes) = (first + 1 + (x >> 50) % 9, x % 5000);
+            spans.add(channel, first, end, bytes);
+            model
+                .entry(channel)
+                .and_modify(|s| {
+                    s.first_offset = s.first_offset.min(first);
+                    s.end_offset = s.end_offset.max(end);
+                    s.bytes += bytes;
+                })
+                .or_insert(Span {
+                    first_offset: first,
+                    end_offset: end,
+                    bytes,
+                });
+            // Closed now and then, and added to after (a recovered active segment).
+            if step % 401 == 0 {
+                spans.close();
+                assert!(spans.open.is_empty(), "closed");
+            }
+            if step % 97 == 0 || step == 2999 {
+                assert_eq!(spans.len(), model.len());
+                for c in 0..100 {
+                    assert_eq!(spans.get(c), model.get(&c), "channel {c} at step {step}");
+                }
+                let mut all: Vec<(u64, Span)> = spans.iter().collect();
+                all.sort_unstable_by_key(|(c, _)| *c);
+                assert_eq!(all, model.iter().map(|(c, s)| (*c, *s)).collect::<Vec<_>>());
+                // Open or closed, the bytes of the map; they read back alike.
+                let bytes = options().serialize(&spans).unwrap();
+                assert_eq!(bytes, options().serialize(&model).unwrap());
+                let back: Spans = options().deserialize(&bytes).unwrap();
+                assert_eq!(back, spans);
+                assert!(back.open.is_empty(), "read back closed");
+            }
+        }
+        // A channel twice is refused, not merged.
+        let span = model[&0];
+        let twice = options()
+            .serialize(&vec![(3u64, span), (3u64, span)])
+            .unwrap();
+        assert!(options().deserialize::<Spans>(&twice).is_err());
     }
 
     #[test]
@@ -1160,8 +1368,8 @@ mod tests {
         index.save_checkpoint(checkpoint.clone()).unwrap();
         let loaded = index.load_checkpoint().unwrap().unwrap();
         assert_eq!((loaded.segment, loaded.position), (3, 99));
-        assert_eq!(loaded.summaries[0].1.spans[&3].end_offset, 9);
-        assert_eq!(loaded.summaries[0].1.spans[&3].bytes, 110);
+        assert_eq!(loaded.summaries[0].1.spans.get(3).unwrap().end_offset, 9);
+        assert_eq!(loaded.summaries[0].1.spans.get(3).unwrap().bytes, 110);
         // Segment 2 has no file yet.
         assert_eq!(loaded.index_from, (2, 0));
         index.seal_closed(3).unwrap();

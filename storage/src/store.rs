@@ -250,6 +250,9 @@ impl Store {
         };
         let active_id = active.unwrap_or(0);
         let mut summaries = summaries;
+        for summary in summaries.range_mut(..active_id).map(|(_, s)| s) {
+            summary.spans.close();
+        }
         summaries.entry(active_id).or_default().size = len;
         metrics::gauge!(metric::SEGMENTS).set(summaries.len() as f64);
         let shared = Arc::new(Shared {
@@ -751,8 +754,8 @@ impl Store {
                 let live: Vec<(u64, crate::Span, u64)> = summary
                     .spans
                     .iter()
-                    .filter(|(channel, _)| state.channel(**channel).is_some())
-                    .map(|(channel, span)| (*channel, *span, floor(&state, *channel)))
+                    .filter(|(channel, _)| state.channel(*channel).is_some())
+                    .map(|(channel, span)| (channel, span, floor(&state, channel)))
                     .filter(|(_, span, floor)| span.end_offset > *floor)
                     .collect();
                 let live_bytes: u64 = live.iter().map(|(_, span, _)| span.bytes).sum();
@@ -825,7 +828,7 @@ impl Store {
                 .expect("summaries lock")
                 .remove(id)
             {
-                touched.extend(summary.spans.keys().copied());
+                touched.extend(summary.spans.iter().map(|(channel, _)| channel));
             }
             report.segments_deleted += 1;
             report.bytes_freed += size;
@@ -952,7 +955,7 @@ fn retained(summaries: &BTreeMap<u64, SegmentSummary>, channel_id: u64) -> (Opti
     let mut first: Option<u64> = None;
     let mut bytes = 0;
     for summary in summaries.values() {
-        if let Some(span) = summary.spans.get(&channel_id) {
+        if let Some(span) = summary.spans.get(channel_id) {
             first = Some(first.map_or(span.first_offset, |f| f.min(span.first_offset)));
             bytes += span.bytes;
         }
@@ -1543,6 +1546,9 @@ impl Writer {
         self.shared.active_segment.store(next, Ordering::Release);
         {
             let mut summaries = self.shared.summaries.lock().expect("summaries lock");
+            if let Some(closed) = summaries.get_mut(&(next - 1)) {
+                closed.spans.close();
+            }
             summaries.entry(next).or_default().size = self.len;
             metrics::gauge!(metric::SEGMENTS).set(summaries.len() as f64);
         }

@@ -740,8 +740,8 @@ fn closed_segments_are_indexed_in_files_and_only_the_active_one_in_memory() {
     // In memory: the active segment's entries, nothing else.
     let in_active = store.shared.summaries.lock().unwrap()[&active]
         .spans
-        .values()
-        .map(|s| s.end_offset - s.first_offset)
+        .iter()
+        .map(|(_, s)| s.end_offset - s.first_offset)
         .sum::<u64>();
     assert_eq!(
         store.shared.index.in_memory(),
@@ -753,6 +753,16 @@ fn closed_segments_are_indexed_in_files_and_only_the_active_one_in_memory() {
         assert_eq!(messages.len(), 120);
         assert_eq!(messages[7].1, vec![(7 * 5 + n) as u8; 500]);
     }
+    // Closed segments keep their summaries as sorted lists, the active one as a map.
+    let closed = |store: &Store| -> Vec<(u64, bool)> {
+        let summaries = store.shared.summaries.lock().unwrap();
+        summaries
+            .iter()
+            .map(|(id, s)| (*id, s.spans.is_closed()))
+            .collect()
+    };
+    let expected: Vec<(u64, bool)> = ids.iter().map(|id| (*id, *id != active)).collect();
+    assert_eq!(closed(&store), expected);
     // The last checkpoint lets the next start scan only the active segment.
     drop(store);
     let index = Index::open(&dir.path().join("index"), &log).unwrap();
@@ -760,6 +770,14 @@ fn closed_segments_are_indexed_in_files_and_only_the_active_one_in_memory() {
         index.load_checkpoint().unwrap().unwrap().index_from,
         (active, 0)
     );
+    drop(index);
+    let store = Store::open(dir.path(), opts()).unwrap();
+    let reopened = closed(&store);
+    assert_eq!(
+        reopened[..reopened.len() - 1],
+        expected[..expected.len() - 1]
+    );
+    assert_eq!(payloads_of(&store, channels[2]).len(), 120);
 }
 
 /// A closed store in `dir` holding channel 0 with 300 batches of 700 bytes over more than

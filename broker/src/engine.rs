@@ -157,7 +157,7 @@ pub fn plan_publish(
         base_offset: base,
         timestamp_ms: now_ms,
         producer: Some(ProducerStamp {
-            producer_id: producer_id.to_owned(),
+            producer_id: producer_id.into(),
             sequences,
         }),
         messages: fresh.into_iter().map(|m| m.message).collect(),

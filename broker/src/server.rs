@@ -904,7 +904,7 @@ impl Broker {
                 let id = self.channel_id(&channel)?;
                 let last = self.store.with_state(|s| {
                     s.channel(id)
-                        .and_then(|c| c.producers.get(&producer_id))
+                        .and_then(|c| c.producers.get(producer_id.as_str()))
                         .and_then(|p| p.durable.last_sequence)
                 });
                 Ok(ResponseBody::LastSequence(last))
@@ -1400,6 +1400,15 @@ impl Broker {
 
     /// Whether a batch of `bytes` to `channel_id` may be appended under the bounds.
     fn check_room(&self, channel_id: u64, bytes: u64) -> Result<(), Refusal> {
+        self.check_room_for(std::iter::once(channel_id), bytes)
+    }
+
+    /// Whether `bytes` more may be stored in the channels `channel_ids`.
+    fn check_room_for(
+        &self,
+        channel_ids: impl Iterator<Item = u64>,
+        bytes: u64,
+    ) -> Result<(), Refusal> {
         let full = |why: String| {
             Refusal::new(
                 ErrorCode::STORAGE_FULL,
@@ -1409,13 +1418,15 @@ impl Broker {
         if let Some(why) = self.disk_full.lock().expect("disk lock").clone() {
             return Err(full(why));
         }
-        if let Some(why) = self
-            .full_channels
-            .lock()
-            .expect("full lock")
-            .get(&channel_id)
         {
-            return Err(full(why.clone()));
+            let full_channels = self.full_channels.lock().expect("full lock");
+            if !full_channels.is_empty() {
+                for id in channel_ids {
+                    if let Some(why) = full_channels.get(&id) {
+                        return Err(full(why.clone()));
+                    }
+                }
+            }
         }
         let budget = self.config.max_disk_bytes;
         if budget > 0 {
@@ -1708,7 +1719,8 @@ impl Broker {
         // (a resend after a reconnect).
         struct Planned {
             id: u64,
-            heads: watch::Sender<u64>,
+            /// Taken when the part is queued (one clone of the sender per part, not two).
+            heads: Option<watch::Sender<u64>>,
             durability: Durability,
             incoming: Vec<Incoming>,
             on_disk: u64,
@@ -1754,19 +1766,20 @@ impl Broker {
             }
             let part_bytes: u64 = part.messages.iter().map(|m| m.payload.len() as u64).sum();
             let on_disk = on_disk(part_bytes, part.messages.len() as u64);
-            // The disk budget is checked against the whole frame so far, not part by part.
             frame_on_disk += on_disk;
-            self.check_room(id, frame_on_disk)?;
             count += part.messages.len() as u64;
             bytes += part_bytes;
             planned.push(Planned {
                 id,
-                heads,
+                heads: Some(heads),
                 durability: settings.durability,
                 incoming: incoming(part.messages),
                 on_disk,
             });
         }
+        // The disk budget is checked against the whole frame, and the full channels' list
+        // read once for it, not per part.
+        self.check_room_for(planned.iter().map(|p| p.id), frame_on_disk)?;
         metrics::histogram!(m::BATCH_MESSAGES).record(count as f64);
         let mut acks = Vec::with_capacity(planned.len());
         let mut durables = Vec::new();
@@ -1789,11 +1802,17 @@ impl Broker {
                     ));
                 }
                 // A channel deleted since the stream resolved it refuses the frame before
-                // any part is planned (the state lock keeps it so until the append).
-                if let Some(p) = planned[next..]
-                    .iter()
-                    .find(|p| txn.state().channel(p.id).is_none_or(|c| c.deleting))
-                {
+                // any part is planned (the state lock keeps it so until the append). The
+                // same pass looks up each part's producer state: with thousands of channels
+                // those are cache misses, which independent lookups in a short loop overlap;
+                // planning part by part waited for each in turn.
+                if let Some(p) = planned[next..].iter().find(|p| {
+                    let channel = txn.state().channel(p.id).filter(|c| !c.deleting);
+                    if let Some(c) = channel {
+                        std::hint::black_box(c.producers.get(open.producer_id.as_str()));
+                    }
+                    channel.is_none()
+                }) {
                     let r = Refusal::new(
                         ErrorCode::CHANNEL_NOT_FOUND,
                         format!("channel #{} was deleted", p.id),
@@ -1806,6 +1825,8 @@ impl Broker {
                     // they come back as duplicates.
                     return Err(Refusal::new(ErrorCode::STORAGE_ERROR, r.message));
                 }
+                // One clock read per append, not per part.
+                let now = now_ms();
                 while let Some(p) = planned.get_mut(next) {
                     let incoming = std::mem::take(&mut p.incoming);
                     let decision = match engine::plan_publish(
@@ -1813,7 +1834,7 @@ impl Broker {
                         p.id,
                         &open.producer_id,
                         incoming,
-                        now_ms(),
+                        now,
                     ) {
                         Ok(decision) => decision,
                         Err(r) => {
@@ -1832,7 +1853,8 @@ impl Broker {
                         } => {
                             if let Some(record) = record {
                                 records.push(record);
-                                moved.push((p.heads.clone(), first_offset + u64::from(appended)));
+                                let heads = p.heads.take().expect("a part is queued once");
+                                moved.push((heads, first_offset + u64::from(appended)));
                                 reserved += p.on_disk;
                             }
                             appended_total += u64::from(appended);
@@ -1914,7 +1936,7 @@ impl Broker {
             // or this producer's batches still waiting for their fsync, are waited for.
             let pending_producer = channel
                 .producers
-                .get(&open.producer_id)
+                .get(open.producer_id.as_str())
                 .is_some_and(|p| p.pending_last.is_some());
             let creating = record.is_some();
             let wait = if creating || !channel.durable || pending_producer {
@@ -1949,7 +1971,7 @@ impl Broker {
             })?;
             let last = channel
                 .producers
-                .get(&open.producer_id)
+                .get(open.producer_id.as_str())
                 .and_then(|p| p.durable.last_sequence);
             Ok((id, last, s.epoch()))
         })

@@ -691,7 +691,7 @@ impl World {
                 if let Some(stamp) = &b.producer {
                     let truth = self
                         .stored
-                        .entry((b.channel_id, stamp.producer_id.clone()))
+                        .entry((b.channel_id, stamp.producer_id.to_string()))
                         .or_default();
                     assert_eq!(stamp.sequences.len(), b.messages.len());
                     for i in 0..stamp.sequences.len() {
@@ -898,7 +898,7 @@ impl World {
             for (id, p) in &c.producers {
                 let truth_last = self
                     .stored
-                    .get(&(c.id, id.clone()))
+                    .get(&(c.id, id.to_string()))
                     .and_then(|t| t.last_key_value())
                     .map(|(s, _)| *s);
                 assert_eq!(p.durable.last_sequence, truth_last, "producer {id}");

@@ -602,16 +602,22 @@ impl Index {
     pub fn insert_all(&self, entries: &[IndexEntry]) -> Result<(), StorageError> {
         let mut segments = self.segments();
         let segments = &mut *segments;
-        for e in entries {
-            if segments.sealed.contains_key(&e.segment) {
+        // Entries come in runs of one segment (a write group): its map is found once a run.
+        for run in entries.chunk_by(|a, b| a.segment == b.segment) {
+            let segment = run[0].segment;
+            if segments.sealed.contains_key(&segment) {
                 continue;
             }
-            let channels = Arc::make_mut(segments.open.entry(e.segment).or_default());
-            let slots = channels.entry(e.channel_id).or_default();
-            let slot = Slot::of(e);
-            match slots.last() {
-                Some(last) if last.base_offset >= slot.base_offset => upsert_sorted(slots, slot),
-                _ => slots.push(slot),
+            let channels = Arc::make_mut(segments.open.entry(segment).or_default());
+            for e in run {
+                let slots = channels.entry(e.channel_id).or_default();
+                let slot = Slot::of(e);
+                match slots.last() {
+                    Some(last) if last.base_offset >= slot.base_offset => {
+                        upsert_sorted(slots, slot)
+                    }
+                    _ => slots.push(slot),
+                }
             }
         }
         Ok(())

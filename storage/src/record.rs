@@ -10,6 +10,7 @@
 
 use bincode::Options;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 use crate::state::StateSnapshot;
@@ -56,7 +57,8 @@ pub enum Record {
 /// The producer that appended a batch and the sequence of each message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProducerStamp {
-    pub producer_id: String,
+    /// Inline up to 24 bytes (no allocation per batch); written as a string.
+    pub producer_id: CompactString,
     pub sequences: Sequences,
 }
 

@@ -151,6 +151,17 @@ async fn a_channel_over_its_bounds_refuses_publishes_until_its_consumer_catches_
     ensure!(err.to_string().contains("max_bytes"), "{err}");
     // Other channels are not affected.
     c.producer("other", "p").await?.send("fine").await?;
+    // A multi-channel stream is refused for the full channel too, and not for the others.
+    let multi = c.multi_producer("m", surfacing.clone()).await?;
+    multi.send("other", "fine").await?;
+    let err = multi
+        .send("bytes/a", vec![3u8; 1000])
+        .await
+        .err()
+        .context("a multi-channel frame was stored in a channel over its max_bytes")?;
+    ensure!(err.code() == Some(ErrorCode::STORAGE_FULL), "{err}");
+    ensure!(err.to_string().contains("max_bytes"), "{err}");
+    multi.send("other", "still fine").await?;
     // The consumer catches up: publishing works again, nothing was lost.
     let read = catch_up(&c, "bytes/a").await?;
     ensure!(read >= 2, "only {read} messages were there to read");

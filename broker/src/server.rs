@@ -1778,8 +1778,10 @@ impl Broker {
             });
         }
         // The disk budget is checked against the whole frame, and the full channels' list
-        // read once for it, not per part.
-        self.check_room_for(planned.iter().map(|p| p.id), frame_on_disk)?;
+        // read once for it, not per part. A frame without parts (a barrier) stores nothing.
+        if !planned.is_empty() {
+            self.check_room_for(planned.iter().map(|p| p.id), frame_on_disk)?;
+        }
         metrics::histogram!(m::BATCH_MESSAGES).record(count as f64);
         let mut acks = Vec::with_capacity(planned.len());
         let mut durables = Vec::new();
@@ -1802,17 +1804,11 @@ impl Broker {
                     ));
                 }
                 // A channel deleted since the stream resolved it refuses the frame before
-                // any part is planned (the state lock keeps it so until the append). The
-                // same pass looks up each part's producer state: with thousands of channels
-                // those are cache misses, which independent lookups in a short loop overlap;
-                // planning part by part waited for each in turn.
-                if let Some(p) = planned[next..].iter().find(|p| {
-                    let channel = txn.state().channel(p.id).filter(|c| !c.deleting);
-                    if let Some(c) = channel {
-                        std::hint::black_box(c.producers.get(open.producer_id.as_str()));
-                    }
-                    channel.is_none()
-                }) {
+                // any part is planned (the state lock keeps it so until the append).
+                if let Some(p) = planned[next..]
+                    .iter()
+                    .find(|p| txn.state().channel(p.id).is_none_or(|c| c.deleting))
+                {
                     let r = Refusal::new(
                         ErrorCode::CHANNEL_NOT_FOUND,
                         format!("channel #{} was deleted", p.id),

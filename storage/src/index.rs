@@ -1585,6 +1585,7 @@ mod tests {
         let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
         let channels = 4;
         let mut heads = vec![0u64; channels as usize];
+        let mut dropped = 0;
         for step in 0..2_000u64 {
             let segment = 1 + step / 50;
             // A new segment: the ones before it get their files.
@@ -1642,13 +1643,28 @@ mod tests {
                         .map_or(from, |(_, e)| e.end_offset().max(from));
                 }
             }
-            if step % 397 == 0 {
+            // Retention by segment: the oldest closed one goes, from the front of every
+            // channel's list of segments.
+            if step % 150 == 149 {
+                let oldest = index.segments().sealed.keys().next().copied();
+                if let Some(id) = oldest {
+                    index.drop_segment(id).unwrap();
+                    model.retain(|_, e| e.segment != id);
+                    dropped += 1;
+                }
+            }
+            if step % 397 == 0 || step % 150 == 149 {
                 let max = heads.iter().max().copied().unwrap() + 2;
                 check_against(&index, &model, channels, max);
             }
         }
+        assert!(dropped >= 10, "{dropped} segments dropped");
         let segments = index.segments();
-        assert!(segments.sealed.len() >= 39, "{:?}", segments.sealed.keys());
+        assert!(
+            segments.sealed.len() + dropped >= 39,
+            "{:?}",
+            segments.sealed.keys()
+        );
         assert!(segments.sealed.values().any(|s| !s.hidden.is_empty()));
         // Both kinds of closed segments were met: in order, and overlapping others.
         assert!(segments.by_channel.values().any(|c| c.regular.len() > 3));

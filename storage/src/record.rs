@@ -551,6 +551,32 @@ mod tests {
     }
 
     #[test]
+    fn a_producer_stamp_writes_the_bytes_a_string_id_wrote() {
+        #[derive(Serialize)]
+        struct Before {
+            producer_id: String,
+            sequences: Sequences,
+        }
+        // Inline (up to 24 bytes) and on the heap.
+        for id in [
+            "p",
+            "a-producer-id-of-sixty-four-characters-which-names-a-source-shard",
+        ] {
+            let now = ProducerStamp {
+                producer_id: id.into(),
+                sequences: Sequences::Dense { first: 3, count: 2 },
+            };
+            let before = Before {
+                producer_id: id.to_owned(),
+                sequences: now.sequences.clone(),
+            };
+            let bytes = options().serialize(&before).unwrap();
+            assert_eq!(options().serialize(&now).unwrap(), bytes, "{id}");
+            assert_eq!(options().deserialize::<ProducerStamp>(&bytes).unwrap(), now);
+        }
+    }
+
+    #[test]
     fn every_record_round_trips() {
         let records = vec![
             Record::ChannelCreated {

@@ -1,7 +1,7 @@
 //! The store: recovery, the group-commit writer thread, reads and retention
 //! (docs/storage.md §5–§7).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::io::{IoSlice, Write};
 use std::path::{Path, PathBuf};
@@ -250,8 +250,15 @@ impl Store {
         };
         let active_id = active.unwrap_or(0);
         let mut summaries = summaries;
-        for summary in summaries.range_mut(..active_id).map(|(_, s)| s) {
+        for (&id, summary) in summaries.range_mut(..active_id) {
             summary.spans.close();
+            // Closed segments without a summary file (recovered from a format-3 checkpoint,
+            // or summarized again): written now, so that checkpoints leave them out.
+            if !index.has_summary_file(id) {
+                if let Err(error) = index.write_summary(id, summary) {
+                    tracing::warn!(%error, segment = id, "could not write a closed segment's summary file; checkpoints carry its summary");
+                }
+            }
         }
         summaries.entry(active_id).or_default().size = len;
         metrics::gauge!(metric::SEGMENTS).set(summaries.len() as f64);
@@ -1009,6 +1016,25 @@ fn recover(log_dir: &Path, index: &Index) -> Result<Recovered, StorageError> {
     if let Err(error) = index.remove_stray_files(&ids) {
         tracing::warn!(%error, "could not delete stray index files");
     }
+    // Segments closed before the checkpoint whose summaries it leaves out: from their
+    // summary files, or summarized again from the segment where a file is missing or
+    // damaged.
+    let mut resummarize = BTreeSet::new();
+    if let Some(c) = &checkpoint {
+        for &id in ids.iter().filter(|&&id| id < c.segment) {
+            if summaries.contains_key(&id) {
+                continue;
+            }
+            match index.load_summary(id) {
+                Some(summary) => {
+                    summaries.insert(id, summary);
+                }
+                None => {
+                    resummarize.insert(id);
+                }
+            }
+        }
+    }
     tracing::info!(
         segments = ids.len(),
         from_checkpoint = checkpoint.is_some(),
@@ -1022,6 +1048,9 @@ fn recover(log_dir: &Path, index: &Index) -> Result<Recovered, StorageError> {
                 index_segment(log_dir, id, index)?;
                 seal_or_keep(index, id);
             }
+            if resummarize.contains(&id) {
+                summaries.insert(id, summarize_segment(log_dir, id)?);
+            }
             continue;
         }
         let last = i + 1 == ids.len();
@@ -1032,7 +1061,7 @@ fn recover(log_dir: &Path, index: &Index) -> Result<Recovered, StorageError> {
             }
             if let RecordMeta::Batch(b) = &meta {
                 index.insert(&IndexEntry::of(b, id, position, len))?;
-                if (id, position) >= summarize_from {
+                if (id, position) >= summarize_from || resummarize.contains(&id) {
                     summary.add(
                         b.channel_id,
                         b.base_offset,
@@ -1112,6 +1141,30 @@ fn seal_or_keep(index: &Index, id: u64) {
     if let Err(error) = index.seal(id) {
         tracing::warn!(%error, segment = id, "could not write an index file; the segment's entries stay in memory");
     }
+}
+
+/// What a closed segment holds (its summary file was missing or damaged).
+fn summarize_segment(log_dir: &Path, id: u64) -> Result<SegmentSummary, StorageError> {
+    let mut summary = SegmentSummary::default();
+    segment::scan(log_dir, id, |_, _, meta| {
+        if let RecordMeta::Batch(b) = &meta {
+            summary.add(
+                b.channel_id,
+                b.base_offset,
+                b.end_offset(),
+                b.payload_bytes(),
+            );
+        }
+        Ok(())
+    })?;
+    // A corrupt record ends the scan (and is counted when the segment is indexed); the
+    // segment's size is its file's, as for a segment scanned in full.
+    let path = segment::segment_path(log_dir, id);
+    summary.size = std::fs::metadata(&path)
+        .map_err(|e| StorageError::io("stat", &path, e))?
+        .len();
+    summary.spans.close();
+    Ok(summary)
 }
 
 /// Indexes every batch of a closed segment (its index file was missing or damaged).
@@ -1544,16 +1597,19 @@ impl Writer {
         self.id = next;
         self.len = segment::SEGMENT_HEADER_LEN;
         self.shared.active_segment.store(next, Ordering::Release);
-        {
+        let closed = {
             let mut summaries = self.shared.summaries.lock().expect("summaries lock");
-            if let Some(closed) = summaries.get_mut(&(next - 1)) {
+            let closed = summaries.get_mut(&(next - 1)).map(|closed| {
                 closed.spans.close();
-            }
+                closed.clone()
+            });
             summaries.entry(next).or_default().size = self.len;
             metrics::gauge!(metric::SEGMENTS).set(summaries.len() as f64);
-        }
+            closed
+        };
         // The closed segment's index file is written off this thread (~10 MB for a segment
-        // of 1 KiB batches); its entries answer from memory until then.
+        // of 1 KiB batches); its entries answer from memory until then. Its summary file
+        // too: checkpoints carry its summary until then.
         let shared = self.shared.clone();
         let spawned = std::thread::Builder::new()
             .name("directmq-index-seal".into())
@@ -1566,6 +1622,11 @@ impl Writer {
                     .and_then(|()| shared.index.seal(next - 1))
                 {
                     tracing::warn!(%error, "could not write a closed segment's index file; its entries stay in memory");
+                }
+                if let Some(summary) = closed {
+                    if let Err(error) = shared.index.write_summary(next - 1, &summary) {
+                        tracing::warn!(%error, "could not write a closed segment's summary file; checkpoints carry its summary");
+                    }
                 }
             });
         match spawned {

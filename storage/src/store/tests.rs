@@ -780,6 +780,82 @@ fn closed_segments_are_indexed_in_files_and_only_the_active_one_in_memory() {
     assert_eq!(payloads_of(&store, channels[2]).len(), 120);
 }
 
+#[test]
+fn closed_segments_summaries_live_in_files_and_a_lost_one_is_summarized_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let store = Store::open(dir.path(), opts()).unwrap();
+    let channels: Vec<u64> = (0..4).map(|c| create(&store, &format!("c{c}"))).collect();
+    for i in 0..500u64 {
+        let c = channels[(i % 4) as usize];
+        publish(&store, c, "p", i / 4 + 1, &[&[i as u8; 500]]);
+    }
+    store.shared.join_sealers();
+    let ids = segment::list_segments(&log).unwrap();
+    assert!(ids.len() > 4, "{ids:?}");
+    let (closed, active) = (&ids[..ids.len() - 1], *ids.last().unwrap());
+    let before = store.shared.summaries.lock().unwrap().clone();
+    for &id in closed {
+        assert!(
+            crate::index::summary_path(&log, id).exists(),
+            "segment {id}"
+        );
+    }
+    assert!(!crate::index::summary_path(&log, active).exists());
+    drop(store);
+    // The checkpoint carries only the active segment's summary.
+    let index = Index::open(&dir.path().join("index"), &log).unwrap();
+    let checkpoint = index.load_checkpoint().unwrap().unwrap();
+    let carried: Vec<u64> = checkpoint.summaries.iter().map(|(id, _)| *id).collect();
+    assert_eq!(carried, [active]);
+    drop(index);
+
+    let summaries = |store: &Store| store.shared.summaries.lock().unwrap().clone();
+    // A damaged summary file and a lost one: both segments are summarized again from the
+    // log, and their files written again.
+    std::fs::write(crate::index::summary_path(&log, closed[0]), b"garbage").unwrap();
+    std::fs::remove_file(crate::index::summary_path(&log, closed[2])).unwrap();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    assert_eq!(summaries(&store), before);
+    for &id in closed {
+        assert!(
+            crate::index::summary_path(&log, id).exists(),
+            "segment {id}"
+        );
+    }
+    assert_eq!(payloads_of(&store, channels[1]).len(), 125);
+    drop(store);
+
+    // A checkpoint of format 3 carried every summary: it is read, and the summary files
+    // written from it.
+    for &id in closed {
+        std::fs::remove_file(crate::index::summary_path(&log, id)).unwrap();
+    }
+    let index = Index::open(&dir.path().join("index"), &log).unwrap();
+    let mut old = index.load_checkpoint().unwrap().unwrap();
+    old.format = 3;
+    old.summaries = before.iter().map(|(id, s)| (*id, s.clone())).collect();
+    // Wrong on purpose for every closed segment: read from the checkpoint, not the log.
+    for (_, summary) in old.summaries.iter_mut().filter(|(id, _)| *id != active) {
+        summary.add(99, 7, 8, 1);
+    }
+    index.save_checkpoint_verbatim(&old).unwrap();
+    drop(index);
+    let store = Store::open(dir.path(), opts()).unwrap();
+    let now = summaries(&store);
+    for &id in closed {
+        assert_eq!(
+            now[&id].spans.get(99).map(|s| s.bytes),
+            Some(1),
+            "segment {id}"
+        );
+        assert!(
+            crate::index::summary_path(&log, id).exists(),
+            "segment {id}"
+        );
+    }
+}
+
 /// A closed store in `dir` holding channel 0 with 300 batches of 700 bytes over more than
 /// three segments: its messages and the segment ids.
 fn three_hundred_batches(dir: &Path) -> (Vec<(u64, Vec<u8>)>, Vec<u64>) {

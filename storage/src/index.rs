@@ -1080,6 +1080,7 @@ impl Index {
             .lock()
             .expect("summary files lock")
             .remove(&segment);
+        let mut result = Ok(());
         for path in [
             index_path(&self.log_dir, segment),
             summary_path(&self.log_dir, segment),
@@ -1087,15 +1088,20 @@ impl Index {
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(StorageError::io("delete", &path, e)),
+                Err(e) => {
+                    if result.is_ok() {
+                        result = Err(StorageError::io("delete", &path, e));
+                    }
+                }
             }
         }
-        Ok(())
+        result
     }
 
     /// Writes a closed segment's summary into a file beside it; checkpoints leave it out
-    /// from then on. Not fsync'd, as index files: one that a crash damaged or lost fails
-    /// its checks on the next start, and the segment is summarized again.
+    /// from then on. Made durable (file and directory, once per segment, off the writer
+    /// thread): a checkpoint relies on it. One that is lost or damaged all the same fails its
+    /// checks on the next start, and the segment is summarized again.
     pub fn write_summary(
         &self,
         segment: u64,
@@ -1110,8 +1116,17 @@ impl Index {
         buf.extend_from_slice(&crc.to_le_bytes());
         let path = summary_path(&self.log_dir, segment);
         let tmp = path.with_extension("sum.tmp");
-        std::fs::write(&tmp, &buf).map_err(|e| StorageError::io("write", &tmp, e))?;
+        let write = || -> std::io::Result<()> {
+            let mut file = File::create(&tmp)?;
+            std::io::Write::write_all(&mut file, &buf)?;
+            file.sync_data()
+        };
+        if let Err(e) = write() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(StorageError::io("write", &tmp, e));
+        }
         std::fs::rename(&tmp, &path).map_err(|e| StorageError::io("rename", &tmp, e))?;
+        crate::segment::sync_dir(&self.log_dir)?;
         let mut filed = self.summary_files.lock().expect("summary files lock");
         // Retention may have deleted the segment meanwhile (it deletes the segment file
         // before its other files): then this file goes too (or at the next start).

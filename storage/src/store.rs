@@ -1049,7 +1049,17 @@ fn recover(log_dir: &Path, index: &Index) -> Result<Recovered, StorageError> {
                 seal_or_keep(index, id);
             }
             if resummarize.contains(&id) {
-                summaries.insert(id, summarize_segment(log_dir, id)?);
+                let (summary, whole) = summarize_segment(log_dir, id)?;
+                if !whole {
+                    // Its index file may list batches past the bad record, which the
+                    // summary does not hold (retention could then delete them while a
+                    // consumer needs them): indexed again from the records, both skip the
+                    // same ones.
+                    index.drop_segment(id)?;
+                    index_segment(log_dir, id, index)?;
+                    seal_or_keep(index, id);
+                }
+                summaries.insert(id, summary);
             }
             continue;
         }
@@ -1144,9 +1154,10 @@ fn seal_or_keep(index: &Index, id: u64) {
 }
 
 /// What a closed segment holds (its summary file was missing or damaged).
-fn summarize_segment(log_dir: &Path, id: u64) -> Result<SegmentSummary, StorageError> {
+/// Answers whether every record verified: a corrupt one ends the scan.
+fn summarize_segment(log_dir: &Path, id: u64) -> Result<(SegmentSummary, bool), StorageError> {
     let mut summary = SegmentSummary::default();
-    segment::scan(log_dir, id, |_, _, meta| {
+    let end = segment::scan(log_dir, id, |_, _, meta| {
         if let RecordMeta::Batch(b) = &meta {
             summary.add(
                 b.channel_id,
@@ -1157,14 +1168,15 @@ fn summarize_segment(log_dir: &Path, id: u64) -> Result<SegmentSummary, StorageE
         }
         Ok(())
     })?;
-    // A corrupt record ends the scan (and is counted when the segment is indexed); the
-    // segment's size is its file's, as for a segment scanned in full.
+    let whole = matches!(end, ScanEnd::Clean { .. });
+    // A corrupt record ends the scan (the caller indexes the segment again, which logs and
+    // counts it); the segment's size is its file's, as for a segment scanned in full.
     let path = segment::segment_path(log_dir, id);
     summary.size = std::fs::metadata(&path)
         .map_err(|e| StorageError::io("stat", &path, e))?
         .len();
     summary.spans.close();
-    Ok(summary)
+    Ok((summary, whole))
 }
 
 /// Indexes every batch of a closed segment (its index file was missing or damaged).
@@ -1597,16 +1609,14 @@ impl Writer {
         self.id = next;
         self.len = segment::SEGMENT_HEADER_LEN;
         self.shared.active_segment.store(next, Ordering::Release);
-        let closed = {
+        {
             let mut summaries = self.shared.summaries.lock().expect("summaries lock");
-            let closed = summaries.get_mut(&(next - 1)).map(|closed| {
+            if let Some(closed) = summaries.get_mut(&(next - 1)) {
                 closed.spans.close();
-                closed.clone()
-            });
+            }
             summaries.entry(next).or_default().size = self.len;
             metrics::gauge!(metric::SEGMENTS).set(summaries.len() as f64);
-            closed
-        };
+        }
         // The closed segment's index file is written off this thread (~10 MB for a segment
         // of 1 KiB batches); its entries answer from memory until then. Its summary file
         // too: checkpoints carry its summary until then.
@@ -1623,9 +1633,19 @@ impl Writer {
                 {
                     tracing::warn!(%error, "could not write a closed segment's index file; its entries stay in memory");
                 }
-                if let Some(summary) = closed {
-                    if let Err(error) = shared.index.write_summary(next - 1, &summary) {
-                        tracing::warn!(%error, "could not write a closed segment's summary file; checkpoints carry its summary");
+                // Every closed segment without a summary file: the one just closed, and any
+                // whose file could not be written before (a full disk).
+                let unfiled: Vec<(u64, SegmentSummary)> = shared
+                    .summaries
+                    .lock()
+                    .expect("summaries lock")
+                    .range(..next)
+                    .filter(|(id, _)| !shared.index.has_summary_file(**id))
+                    .map(|(id, summary)| (*id, summary.clone()))
+                    .collect();
+                for (id, summary) in unfiled {
+                    if let Err(error) = shared.index.write_summary(id, &summary) {
+                        tracing::warn!(%error, segment = id, "could not write a closed segment's summary file; checkpoints carry its summary");
                     }
                 }
             });

@@ -854,6 +854,85 @@ fn closed_segments_summaries_live_in_files_and_a_lost_one_is_summarized_again() 
             "segment {id}"
         );
     }
+    drop(store);
+    // The files hold what that checkpoint said, and the next checkpoint leaves them out.
+    let index = Index::open(&dir.path().join("index"), &log).unwrap();
+    let checkpoint = index.load_checkpoint().unwrap().unwrap();
+    let carried: Vec<u64> = checkpoint.summaries.iter().map(|(id, _)| *id).collect();
+    assert_eq!(carried, [active]);
+    for &id in closed {
+        let filed = index.load_summary(id).unwrap();
+        assert_eq!(
+            filed.spans.get(99).map(|s| s.bytes),
+            Some(1),
+            "segment {id}"
+        );
+    }
+
+    // Back to the log's own summaries; then stale files, each of the right shape: another
+    // segment's, and one of this segment at another length. Both are refused and the
+    // segments summarized again.
+    for &id in closed {
+        index.write_summary(id, &before[&id]).unwrap();
+    }
+    std::fs::copy(
+        crate::index::summary_path(&log, closed[1]),
+        crate::index::summary_path(&log, closed[3]),
+    )
+    .unwrap();
+    let mut longer = before[&closed[2]].clone();
+    longer.size += 1;
+    index.write_summary(closed[2], &longer).unwrap();
+    drop(index);
+    let store = Store::open(dir.path(), opts()).unwrap();
+    assert_eq!(summaries(&store), before);
+    drop(store);
+    // A checkpoint that makes recovery scan every segment (`index_from` at the start): a
+    // summary made again there is not added to one read from a file.
+    let index = Index::open(&dir.path().join("index"), &log).unwrap();
+    let mut rescan = index.load_checkpoint().unwrap().unwrap();
+    rescan.index_from = (0, 0);
+    index.save_checkpoint_verbatim(&rescan).unwrap();
+    std::fs::remove_file(crate::index::summary_path(&log, closed[0])).unwrap();
+    drop(index);
+    let store = Store::open(dir.path(), opts()).unwrap();
+    assert_eq!(summaries(&store), before);
+    assert_eq!(payloads_of(&store, channels[3]).len(), 125);
+}
+
+#[test]
+fn a_segment_summarized_again_past_a_corrupt_record_is_indexed_again_to_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, ids) = three_hundred_batches(dir.path());
+    let log = dir.path().join("log");
+    // A record in the middle of the second segment no longer verifies, and that segment's
+    // summary file is lost.
+    let seg = segment::segment_path(&log, ids[1]);
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&seg, &bytes).unwrap();
+    std::fs::remove_file(crate::index::summary_path(&log, ids[1])).unwrap();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    // The summary (which retention decides from) and the index (which reads answer from)
+    // agree: the segment holds the batches before the bad record.
+    let span = store.shared.summaries.lock().unwrap()[&ids[1]]
+        .spans
+        .get(0)
+        .copied()
+        .unwrap();
+    let in_segment: Vec<IndexEntry> = store
+        .shared
+        .index
+        .scan(0, 0, 1000)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.segment == ids[1])
+        .collect();
+    assert!(!in_segment.is_empty());
+    assert!(in_segment.iter().all(|e| e.position < mid as u64));
+    assert_eq!(span.first_offset, in_segment[0].base_offset);
+    assert_eq!(span.end_offset, in_segment.last().unwrap().end_offset());
 }
 
 /// A closed store in `dir` holding channel 0 with 300 batches of 700 bytes over more than

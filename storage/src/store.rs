@@ -927,7 +927,7 @@ impl Store {
         Ok(copied)
     }
 
-    /// Bytes of all segment files and their index files.
+    /// Bytes of all segment files and their index and summary files.
     pub fn disk_bytes(&self) -> u64 {
         let segments: u64 = self
             .shared

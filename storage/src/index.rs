@@ -71,6 +71,16 @@ impl SegmentSummary {
     pub fn add(&mut self, channel_id: u64, first: u64, end: u64, bytes: u64) {
         self.spans.add(channel_id, first, end, bytes);
     }
+
+    /// Adds a batch stored in the segment.
+    pub fn add_batch(&mut self, batch: &crate::record::BatchMeta) {
+        self.add(
+            batch.channel_id,
+            batch.base_offset,
+            batch.end_offset(),
+            batch.payload_bytes(),
+        );
+    }
 }
 
 /// A segment's spans by channel. While the segment is written to they are a hash map (a
@@ -101,8 +111,7 @@ impl Spans {
                 return;
             }
             // A closed segment does not grow; a recovered active one does.
-            self.open.extend(self.closed.drain(..));
-            self.closed = Vec::new();
+            self.open = std::mem::take(&mut self.closed).into_iter().collect();
         }
         self.open
             .entry(channel_id)
@@ -119,12 +128,9 @@ impl Spans {
         if self.open.is_empty() {
             return;
         }
-        let mut closed = Vec::with_capacity(self.closed.len() + self.open.len());
-        closed.append(&mut self.closed);
-        closed.extend(self.open.drain());
-        closed.sort_unstable_by_key(|(id, _)| *id);
-        self.open = HashMap::new();
-        self.closed = closed;
+        // The list is empty while the map is used.
+        self.closed = std::mem::take(&mut self.open).into_iter().collect();
+        self.closed.sort_unstable_by_key(|(id, _)| *id);
     }
 
     pub fn get(&self, channel_id: u64) -> Option<&Span> {
@@ -263,6 +269,21 @@ pub fn summary_path(log_dir: &Path, id: u64) -> PathBuf {
 }
 
 const SUMMARY_MAGIC: &[u8; 8] = b"DMQSUM\0\x01";
+
+/// Writes `bytes` to `tmp`, `fdatasync`s it and renames it over `path` (the rename is not made
+/// durable here). A temporary file that could not be written is deleted.
+fn write_synced(tmp: &Path, path: &Path, bytes: &[u8]) -> Result<(), StorageError> {
+    let write = || -> std::io::Result<()> {
+        let mut file = File::create(tmp)?;
+        std::io::Write::write_all(&mut file, bytes)?;
+        file.sync_data()
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(tmp);
+        return Err(StorageError::io("write", tmp, e));
+    }
+    std::fs::rename(tmp, path).map_err(|e| StorageError::io("rename", tmp, e))
+}
 
 fn u64_at(b: &[u8], i: usize) -> u64 {
     u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"))
@@ -1116,17 +1137,7 @@ impl Index {
         let crc = crc32c::crc32c(&buf);
         buf.extend_from_slice(&crc.to_le_bytes());
         let path = summary_path(&self.log_dir, segment);
-        let tmp = path.with_extension("sum.tmp");
-        let write = || -> std::io::Result<()> {
-            let mut file = File::create(&tmp)?;
-            std::io::Write::write_all(&mut file, &buf)?;
-            file.sync_data()
-        };
-        if let Err(e) = write() {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(StorageError::io("write", &tmp, e));
-        }
-        std::fs::rename(&tmp, &path).map_err(|e| StorageError::io("rename", &tmp, e))?;
+        write_synced(&path.with_extension("sum.tmp"), &path, &buf)?;
         crate::segment::sync_dir(&self.log_dir)?;
         let mut filed = self.summary_files.lock().expect("summary files lock");
         // Retention may have deleted the segment meanwhile (it deletes the segment file
@@ -1340,15 +1351,7 @@ impl Index {
     /// previous checkpoint, from which recovery replays more.
     pub fn write_checkpoint(&self, bytes: &[u8]) -> Result<(), StorageError> {
         let path = self.dir.join(CHECKPOINT_FILE);
-        let tmp = path.with_extension("tmp");
-        let write = || -> std::io::Result<()> {
-            let mut file = File::create(&tmp)?;
-            std::io::Write::write_all(&mut file, bytes)?;
-            file.sync_data()
-        };
-        write().map_err(|e| StorageError::io("write", &tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| StorageError::io("rename", &tmp, e))?;
-        Ok(())
+        write_synced(&path.with_extension("tmp"), &path, bytes)
     }
 
     /// Stores `checkpoint` as it is, its format included (tests of earlier formats).

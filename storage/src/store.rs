@@ -1072,12 +1072,7 @@ fn recover(log_dir: &Path, index: &Index) -> Result<Recovered, StorageError> {
             if let RecordMeta::Batch(b) = &meta {
                 index.insert(&IndexEntry::of(b, id, position, len))?;
                 if (id, position) >= summarize_from || resummarize.contains(&id) {
-                    summary.add(
-                        b.channel_id,
-                        b.base_offset,
-                        b.end_offset(),
-                        b.payload_bytes(),
-                    );
+                    summary.add_batch(b);
                 }
             }
             if (id, position) >= apply_from {
@@ -1159,12 +1154,7 @@ fn summarize_segment(log_dir: &Path, id: u64) -> Result<(SegmentSummary, bool), 
     let mut summary = SegmentSummary::default();
     let end = segment::scan(log_dir, id, |_, _, meta| {
         if let RecordMeta::Batch(b) = &meta {
-            summary.add(
-                b.channel_id,
-                b.base_offset,
-                b.end_offset(),
-                b.payload_bytes(),
-            );
+            summary.add_batch(b);
         }
         Ok(())
     })?;
@@ -1460,12 +1450,7 @@ impl Writer {
             for (records, _) in &group {
                 for (meta, _) in records {
                     if let RecordMeta::Batch(b) = meta {
-                        summary.add(
-                            b.channel_id,
-                            b.base_offset,
-                            b.end_offset(),
-                            b.payload_bytes(),
-                        );
+                        summary.add_batch(b);
                     }
                     // A snapshot restates what the state already holds; applying it would
                     // also reset the pending offsets of appends queued behind it.

@@ -713,18 +713,27 @@ fn whole_batch_reads_finish_the_batch_that_reaches_the_limit() {
     );
 }
 
+/// Creates `channels` channels and publishes `messages` messages of 500 bytes to them in
+/// turn (message `i`'s bytes are all `i as u8`), over several segments at [`opts`]; waits
+/// for the closed segments' index and summary files. Answers the channels and the segments.
+fn round_robin(store: &Store, channels: u64, messages: u64) -> (Vec<u64>, Vec<u64>) {
+    let ids: Vec<u64> = (0..channels)
+        .map(|c| create(store, &format!("c{c}")))
+        .collect();
+    for i in 0..messages {
+        let c = ids[(i % channels) as usize];
+        publish(store, c, "p", i / channels + 1, &[&[i as u8; 500]]);
+    }
+    store.shared.join_sealers();
+    (ids, segment::list_segments(&store.shared.log_dir).unwrap())
+}
+
 #[test]
 fn closed_segments_are_indexed_in_files_and_only_the_active_one_in_memory() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
     let store = Store::open(dir.path(), opts()).unwrap();
-    let channels: Vec<u64> = (0..5).map(|c| create(&store, &format!("c{c}"))).collect();
-    for i in 0..600u64 {
-        let c = channels[(i % 5) as usize];
-        publish(&store, c, "p", i / 5 + 1, &[&[i as u8; 500]]);
-    }
-    store.shared.join_sealers();
-    let ids = segment::list_segments(&log).unwrap();
+    let (channels, ids) = round_robin(&store, 5, 600);
     assert!(ids.len() > 3, "{ids:?}");
     let active = *ids.last().unwrap();
     for &id in &ids[..ids.len() - 1] {
@@ -785,13 +794,7 @@ fn closed_segments_summaries_live_in_files_and_a_lost_one_is_summarized_again() 
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
     let store = Store::open(dir.path(), opts()).unwrap();
-    let channels: Vec<u64> = (0..4).map(|c| create(&store, &format!("c{c}"))).collect();
-    for i in 0..500u64 {
-        let c = channels[(i % 4) as usize];
-        publish(&store, c, "p", i / 4 + 1, &[&[i as u8; 500]]);
-    }
-    store.shared.join_sealers();
-    let ids = segment::list_segments(&log).unwrap();
+    let (channels, ids) = round_robin(&store, 4, 500);
     assert!(ids.len() > 4, "{ids:?}");
     let (closed, active) = (&ids[..ids.len() - 1], *ids.last().unwrap());
     let before = store.shared.summaries.lock().unwrap().clone();
